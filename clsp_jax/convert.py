@@ -18,9 +18,15 @@ from flax import nnx
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
-def torch_name(path: tuple) -> str:
-    """PyTorch state-dict name of the NNX param at `path`, e.g. ('a', 0, 'kernel') -> 'a.0.weight'."""
+def torch_name(path: tuple, mounts: Mapping[str, str] | None = None) -> str:
+    """PyTorch state-dict name of the NNX param at `path`, e.g. ('a', 0, 'kernel') -> 'a.0.weight'.
+
+    `mounts` renames a first path element whose submodule sits elsewhere in the PyTorch tree, e.g.
+    {"speech": ""} maps ('speech', 'encoder', ...) to 'encoder....'.
+    """
     *head, leaf = (str(p) for p in path)
+    if mounts and head and head[0] in mounts:
+        head = ([mounts[head[0]]] if mounts[head[0]] else []) + head[1:]
     return ".".join([*head, _LEAF_TO_TORCH.get(leaf, leaf)])
 
 
@@ -101,18 +107,19 @@ def load_torch_state(
     state_dict: Mapping[str, np.ndarray],
     prefix: str = "",
     ignore: tuple[str, ...] = (),
+    mounts: Mapping[str, str] | None = None,
 ) -> None:
     """Fills every `nnx.Param` of `module` in place from `state_dict[prefix + torch_name(path)]`.
 
     Every tensor under `prefix` must be consumed and every parameter filled, with matching shapes;
     otherwise a ValueError lists the offending names. Names ending in any of `ignore` are dropped first
-    (non-learned buffers such as Hugging Face's `position_ids`).
+    (non-learned buffers such as Hugging Face's `position_ids`). `mounts`: see `torch_name`.
     """
     wanted = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and not k.endswith(ignore)}
     params = nnx.to_flat_state(nnx.state(module, nnx.Param))
     missing, mismatched, new = [], [], []
     for path, var in params:
-        name = torch_name(path)
+        name = torch_name(path, mounts)
         if name not in wanted:
             missing.append(prefix + name)
             continue
@@ -136,11 +143,12 @@ def load_torch_state(
     for var, value in new:
         var.value = value
 
-def torch_state_dict(module: nnx.Module, prefix: str = "") -> dict[str, np.ndarray]:
+def torch_state_dict(module: nnx.Module, prefix: str = "", mounts: Mapping[str, str] | None = None
+                     ) -> dict[str, np.ndarray]:
     """All `nnx.Param`s of `module` as a PyTorch-named, PyTorch-layout float32 state dict."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        out[prefix + torch_name(path)] = np.ascontiguousarray(
+        out[prefix + torch_name(path, mounts)] = np.ascontiguousarray(
             to_torch_layout(path, np.asarray(var[...], dtype=np.float32))
         )
     return out
