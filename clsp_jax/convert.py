@@ -141,7 +141,7 @@ def load_torch_state(
         raise ValueError("cannot load PyTorch weights: " + " | ".join(problems))
     # nnx.state holds references to the module's own Variables: assigning fills the module in place.
     for var, value in new:
-        var.value = value
+        var.set_value(value)
 
 def torch_state_dict(module: nnx.Module, prefix: str = "", mounts: Mapping[str, str] | None = None
                      ) -> dict[str, np.ndarray]:

@@ -14,15 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Defaults of Hugging Face's RobertaConfig / BertConfig, for keys a config dict leaves out.
 _DEFAULTS = {
-    "model_type": "roberta",
     "hidden_act": "gelu",
     "hidden_dropout_prob": 0.1,
     "attention_probs_dropout_prob": 0.1,
-    "layer_norm_eps": 1e-5,
-    "type_vocab_size": 1,
-    "pad_token_id": 1,
+    "layer_norm_eps": 1e-12,
+    "type_vocab_size": 2,
     "position_embedding_type": "absolute",
+    "initializer_range": 0.02,
 }
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "max_position_embeddings")
@@ -30,7 +30,9 @@ _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_he
 
 def text_config(cfg: Mapping) -> dict:
     """Hugging Face config dict with defaults filled and validated."""
-    cfg = {**_DEFAULTS, **dict(cfg)}
+    cfg = dict(cfg)
+    cfg.setdefault("model_type", "roberta")
+    cfg = {**_DEFAULTS, "pad_token_id": 1 if cfg["model_type"] != "bert" else 0, **cfg}
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"text config lacks {missing}")
@@ -71,7 +73,7 @@ def _linear(din, dout, dtype, param_dtype, rngs, std):
 
 class Embeddings(nnx.Module):
     def __init__(self, cfg, *, rngs, dtype, param_dtype):
-        h, std = cfg["hidden_size"], cfg.get("initializer_range", 0.02)
+        h, std = cfg["hidden_size"], cfg["initializer_range"]
         emb = lambda n: nnx.Embed(n, h, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                   embedding_init=nnx.initializers.normal(std))
         self.word_embeddings = emb(cfg["vocab_size"])
@@ -90,7 +92,7 @@ class Embeddings(nnx.Module):
 
 class SelfAttention(nnx.Module):
     def __init__(self, cfg, *, rngs, dtype, param_dtype):
-        h, std = cfg["hidden_size"], cfg.get("initializer_range", 0.02)
+        h, std = cfg["hidden_size"], cfg["initializer_range"]
         self.num_heads = cfg["num_attention_heads"]
         self.query = _linear(h, h, dtype, param_dtype, rngs, std)
         self.key = _linear(h, h, dtype, param_dtype, rngs, std)
@@ -117,7 +119,7 @@ class DenseLayerNorm(nnx.Module):
 
     def __init__(self, din, cfg, *, rngs, dtype, param_dtype):
         h = cfg["hidden_size"]
-        self.dense = _linear(din, h, dtype, param_dtype, rngs, cfg.get("initializer_range", 0.02))
+        self.dense = _linear(din, h, dtype, param_dtype, rngs, cfg["initializer_range"])
         self.LayerNorm = nnx.LayerNorm(h, epsilon=cfg["layer_norm_eps"], dtype=dtype, param_dtype=param_dtype,
                                        rngs=rngs)
         self.dropout = nnx.Dropout(cfg["hidden_dropout_prob"], rngs=rngs)
@@ -139,7 +141,7 @@ class Attention(nnx.Module):
 class Intermediate(nnx.Module):
     def __init__(self, cfg, *, rngs, dtype, param_dtype):
         self.dense = _linear(cfg["hidden_size"], cfg["intermediate_size"], dtype, param_dtype, rngs,
-                             cfg.get("initializer_range", 0.02))
+                             cfg["initializer_range"])
 
     def __call__(self, x):
         return jax.nn.gelu(self.dense(x), approximate=False)
@@ -171,7 +173,7 @@ class Encoder(nnx.Module):
 class Pooler(nnx.Module):
     def __init__(self, cfg, *, rngs, dtype, param_dtype):
         h = cfg["hidden_size"]
-        self.dense = _linear(h, h, dtype, param_dtype, rngs, cfg.get("initializer_range", 0.02))
+        self.dense = _linear(h, h, dtype, param_dtype, rngs, cfg["initializer_range"])
 
     def __call__(self, x):
         return jnp.tanh(self.dense(x[:, 0]))

@@ -1,0 +1,114 @@
+"""The CLSP dual encoder: Zipformer2 speech tower + RoBERTa/BERT text tower + 512-d heads + temperature.
+
+Attribute names mirror the authors' PyTorch `CLAP` module (icefall spear_roberta/model.py), so its state
+dict loads by the rule in `clsp_jax.convert`, with the speech tower mounted at the root
+(`encoder_embed.*`, `encoder.*`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clsp_jax.models.text import TextEncoder
+from clsp_jax.models.zipformer import SpeechEncoder
+
+# NNX path prefix -> PyTorch name prefix, for `clsp_jax.convert`.
+TORCH_MOUNTS = {"speech": ""}
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def model_config(config: Mapping) -> dict:
+    """Normalises `{"speech": {...}, "text": {...}, "joint_dim"?: int}` (the fixture format).
+
+    `joint_dim` may sit at the top level or inside `speech` (as in the reference fixtures); default 512.
+    """
+    config = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(config).items()}
+    for key in ("speech", "text"):
+        if not isinstance(config.get(key), Mapping):
+            raise ValueError(f"model config needs a {key!r} dict, got keys {sorted(config)}")
+    joint = config.get("joint_dim", config["speech"].get("joint_dim", 512))
+    if not isinstance(joint, int) or joint <= 0:
+        raise ValueError(f"joint_dim must be a positive int, got {joint!r}")
+    config["joint_dim"] = joint
+    config.setdefault("head_dropout", 0.1)
+    return config
+
+
+def _linear(din, dout, dtype, param_dtype, rngs):
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class Transform(nnx.Module):
+    """Linear-ReLU-Dropout-Linear (the authors' MLPLayers([d, d, d]); not residual)."""
+
+    def __init__(self, dim, dropout, *, rngs, dtype, param_dtype):
+        # Keys are the PyTorch nn.Sequential indices: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear.
+        self.sequential = nnx.Dict({"0": _linear(dim, dim, dtype, param_dtype, rngs),
+                                    "3": _linear(dim, dim, dtype, param_dtype, rngs)})
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x, deterministic):
+        x = self.dropout(jax.nn.relu(self.sequential["0"](x)), deterministic=deterministic)
+        return self.sequential["3"](x)
+
+
+def projection(din, dim, *, rngs, dtype, param_dtype) -> nnx.Dict:
+    """Linear(din->dim)-ReLU-Linear(dim->dim), keyed by the PyTorch nn.Sequential indices 0 and 2."""
+    return nnx.Dict({"0": _linear(din, dim, dtype, param_dtype, rngs), "2": _linear(dim, dim, dtype, param_dtype, rngs)})
+
+
+def _project(proj: nnx.Dict, x):
+    return proj["2"](jax.nn.relu(proj["0"](x)))
+
+
+def l2_normalize(x, eps=1e-12):
+    """x / max(||x||, eps) along the last axis, as torch.nn.functional.normalize."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def masked_mean(frames, lens):
+    """frames [B, T, C], lens [B] -> mean over the first lens[b] frames [B, C] (float32)."""
+    valid = jnp.arange(frames.shape[1])[None, :] < lens[:, None]
+    total = jnp.sum(jnp.where(valid[..., None], frames.astype(jnp.float32), 0.0), axis=1)
+    return total / jnp.maximum(lens, 1)[:, None].astype(jnp.float32)
+
+
+class CLSPNet(nnx.Module):
+    """The network. Embeddings are float32 and unit-norm; similarity is a plain dot product."""
+
+    def __init__(self, config: Mapping, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        config = model_config(config)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        joint, p = config["joint_dim"], config["head_dropout"]
+        self.speech = SpeechEncoder(config["speech"], **kw)
+        self.audio_projection = projection(self.speech.output_dim, joint, **kw)
+        self.audio_transform = Transform(joint, p, **kw)
+        self.text_encoder = TextEncoder(config["text"], **kw)
+        self.text_projection = projection(self.text_encoder.output_dim, joint, **kw)
+        self.text_transform = Transform(joint, p, **kw)
+        self.logit_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), param_dtype))
+
+    def encode_features(self, features, feature_lens, *, deterministic=True):
+        """features [B, T, F] fbank, feature_lens [B] -> (frames [B, T', C], frame_lens [B]) at ~25 Hz."""
+        return self.speech(features, feature_lens, deterministic=deterministic)
+
+    def embed_features(self, features, feature_lens, *, deterministic=True):
+        """features [B, T, F], feature_lens [B] -> unit-norm audio embeddings [B, joint_dim] float32."""
+        frames, lens = self.encode_features(features, feature_lens, deterministic=deterministic)
+        x = _project(self.audio_projection, masked_mean(frames, lens).astype(frames.dtype))
+        return l2_normalize(self.audio_transform(x, deterministic))
+
+    def embed_tokens(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
+        """input_ids, attention_mask [B, L] -> unit-norm text embeddings [B, joint_dim] float32."""
+        pooled = self.text_encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        return l2_normalize(self.text_transform(_project(self.text_projection, pooled), deterministic))
+
+    def scale(self):
+        """exp(logit_scale), the multiplier of the cosine similarities."""
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32))
