@@ -7,6 +7,7 @@ no per-model name tables exist. Supported sources: a mapping name -> array, a `.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -123,10 +124,14 @@ def load_torch_state(
         if name not in wanted:
             missing.append(prefix + name)
             continue
-        value = to_nnx_layout(path, np.asarray(wanted.pop(name)))
-        if value.shape != var.shape:
-            mismatched.append(f"{prefix + name}: checkpoint {value.shape} vs model {var.shape} (NNX layout)")
+        value = np.asarray(wanted.pop(name))
+        expected = to_torch_layout(path, np.broadcast_to(np.zeros((), np.float32), var.shape)).shape
+        if value.size == 1 and math.prod(expected) == 1:  # scalars saved as [1] by some writers
+            value = value.reshape(expected)
+        if value.shape != expected:
+            mismatched.append(f"{prefix + name}: checkpoint {value.shape} vs model {expected}")
             continue
+        value = to_nnx_layout(path, value)
         new.append((var, jnp.asarray(value, dtype=var.dtype)))
     problems = []
     if missing:
@@ -148,7 +153,7 @@ def torch_state_dict(module: nnx.Module, prefix: str = "", mounts: Mapping[str, 
     """All `nnx.Param`s of `module` as a PyTorch-named, PyTorch-layout float32 state dict."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        out[prefix + torch_name(path, mounts)] = np.ascontiguousarray(
-            to_torch_layout(path, np.asarray(var[...], dtype=np.float32))
-        )
+        # np.array (not ascontiguousarray, which turns scalars into [1]) for C-contiguous copies.
+        out[prefix + torch_name(path, mounts)] = np.array(to_torch_layout(path, np.asarray(var[...], np.float32)),
+                                                          order="C")
     return out

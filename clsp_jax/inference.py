@@ -1,0 +1,225 @@
+"""`CLSP`: the public inference API, mirroring the official README.
+
+    model = CLSP.from_torch("clsp.safetensors", config, tokenizer="tokenizer.json")
+    audio_emb, text_emb, scale = model(audio, audio_lens, ["A male speaker.", ...])
+    similarity = audio_emb @ text_emb.T
+
+Inputs are bucketed (waveform length, batch size, token length) so repeated calls with new lengths reuse a
+handful of compiled programs instead of compiling one per shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from clsp_jax import convert, weights
+from clsp_jax.features import SAMPLE_RATE, fbank
+from clsp_jax.models.clsp import TORCH_MOUNTS, CLSPNet, model_config
+from clsp_jax.tokenizer import CaptionTokenizer
+
+# Padded waveform lengths in seconds; longer audio is padded to a multiple of the last.
+AUDIO_BUCKETS_S = (1, 2, 4, 8, 16, 32)
+# Shortest waveform the network accepts: 9 fbank frames give one output frame.
+MIN_SAMPLES = 1280
+
+
+def audio_bucket(num_samples: int) -> int:
+    for seconds in AUDIO_BUCKETS_S:
+        if num_samples <= seconds * SAMPLE_RATE:
+            return seconds * SAMPLE_RATE
+    step = AUDIO_BUCKETS_S[-1] * SAMPLE_RATE
+    return -(-num_samples // step) * step
+
+
+def batch_bucket(n: int) -> int:
+    """Next power of two >= n."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)]) if rows > len(x) else x
+
+
+class CLSP:
+    """A CLSP network with its config and tokenizer, for embedding audio and text.
+
+    Attributes:
+      net: the `CLSPNet` (an nnx.Module; use it directly for training).
+      config: the normalised model config (`{"speech", "text", "joint_dim", ...}`).
+      tokenizer: a `CaptionTokenizer`, or None (then only `embed_tokens` takes text).
+    """
+
+    def __init__(self, net: CLSPNet, config: Mapping, tokenizer: CaptionTokenizer | None = None):
+        self.net = net
+        self.config = model_config(config)
+        self.tokenizer = tokenizer
+        graphdef, state = nnx.split(net)
+        self._state = state
+
+        def call(method):
+            return jax.jit(lambda st, *args: getattr(nnx.merge(graphdef, st), method)(*args))
+
+        self._encode_features = call("encode_features")
+        self._embed_features = call("embed_features")
+        self._embed_tokens = call("embed_tokens")
+        self._fbank = jax.jit(fbank)
+
+    # -- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Mapping, seed: int = 0, tokenizer=None) -> "CLSP":
+        """Randomly initialised network."""
+        return cls(CLSPNet(config, rngs=nnx.Rngs(seed)), config, _tokenizer(tokenizer))
+
+    @classmethod
+    def from_torch(cls, state_dict_or_path, config: Mapping, tokenizer=None) -> "CLSP":
+        """The authors' PyTorch CLSP weights (icefall names, optionally under a leading `model.`).
+
+        Args:
+          state_dict_or_path: mapping name -> array, `.safetensors`, or torch checkpoint (weights_only).
+          config: `{"speech": <icefall argument names>, "text": <HF config names>, "joint_dim"?}`.
+          tokenizer: a tokenizer.json path (or folder), a CaptionTokenizer, or None.
+        """
+        net = _materialize(nnx.eval_shape(lambda: CLSPNet(config, rngs=nnx.Rngs(0))))
+        weights.load_clsp(net, state_dict_or_path)
+        return cls(net, config, _tokenizer(tokenizer))
+
+    def torch_state_dict(self) -> dict[str, np.ndarray]:
+        """The weights under the authors' PyTorch names and layouts (float32 numpy)."""
+        return convert.torch_state_dict(self.net, mounts=TORCH_MOUNTS)
+
+    # -- embedding ----------------------------------------------------------------------------------------
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale)."""
+        return float(np.asarray(self.net.scale()))
+
+    def encode_features(self, features, feature_lens):
+        """features [B, T, F] fbank, feature_lens [B] -> (frames [B, T', C], frame_lens [B])."""
+        return self._encode_features(self._state, jnp.asarray(features), jnp.asarray(feature_lens))
+
+    def embed_features(self, features, feature_lens):
+        """features [B, T, F] fbank, feature_lens [B] -> unit-norm audio embeddings [B, D]."""
+        return self._embed_features(self._state, jnp.asarray(features), jnp.asarray(feature_lens))
+
+    def embed_tokens(self, input_ids, attention_mask):
+        """input_ids, attention_mask [B, L] -> unit-norm text embeddings [B, D]."""
+        return self._embed_tokens(self._state, jnp.asarray(input_ids), jnp.asarray(attention_mask))
+
+    def embed_audio(self, audio, audio_lens=None) -> np.ndarray:
+        """Raw 16 kHz waveforms -> [B, D] float32 numpy.
+
+        Args:
+          audio: [B, N] padded float waveforms (or a list of 1-D arrays), 16 kHz mono, in [-1, 1].
+          audio_lens: [B] valid sample counts (default: all N, or each array's length).
+        """
+        audio, audio_lens = _as_padded(audio, audio_lens)
+        if np.any(audio_lens < MIN_SAMPLES):
+            short = np.flatnonzero(audio_lens < MIN_SAMPLES).tolist()
+            raise ValueError(f"audio rows {short} are shorter than {MIN_SAMPLES} samples (80 ms at 16 kHz)")
+        n, rows = audio_bucket(int(audio_lens.max())), batch_bucket(len(audio))
+        padded = np.zeros((rows, n), np.float32)
+        padded[: len(audio), : audio.shape[1]] = audio[:, :n]
+        lens = _pad_rows(audio_lens, rows)
+        lens[len(audio):] = MIN_SAMPLES  # filler rows: valid but discarded
+        feats, feat_lens = self._fbank(jnp.asarray(padded), jnp.asarray(lens))
+        return np.asarray(self.embed_features(feats, feat_lens))[: len(audio)]
+
+    def embed_text(self, text: Sequence[str]) -> np.ndarray:
+        """Captions -> [B, D] float32 numpy, tokenised with the model's tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("this CLSP has no tokenizer: pass tokenizer=<tokenizer.json> when building it")
+        tokens = self.tokenizer(list(text))
+        rows = batch_bucket(len(text))
+        ids, mask = (_pad_rows(tokens[k], rows) for k in ("input_ids", "attention_mask"))
+        mask[len(text):, 0] = 1  # filler rows attend to one token so softmax stays finite
+        return np.asarray(self.embed_tokens(ids, mask))[: len(text)]
+
+    def __call__(self, audio=None, audio_lens=None, text=None):
+        """-> (audio_emb [B, D] or None, text_emb [B', D] or None, exp(logit_scale)), as the official README."""
+        audio_emb = None if audio is None else self.embed_audio(audio, audio_lens)
+        text_emb = None if text is None else self.embed_text(text)
+        return audio_emb, text_emb, self.logit_scale
+
+    # -- persistence --------------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes `params/` (Orbax), `config.json` and `tokenizer.json` (if any) into `directory`."""
+        directory = os.path.abspath(os.fspath(directory))
+        os.makedirs(directory, exist_ok=True)
+        params = nnx.to_pure_dict(nnx.state(self.net, nnx.Param))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(directory, "params"), params, force=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.config, f, indent=2)
+        if self.tokenizer is not None:
+            shutil.copyfile(self.tokenizer.path, os.path.join(directory, "tokenizer.json"))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CLSP":
+        """Inverse of `save`."""
+        directory = os.path.abspath(os.fspath(directory))
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{directory} is not a saved CLSP (no config.json)")
+        with open(config_path) as f:
+            config = json.load(f)
+        abstract = nnx.eval_shape(lambda: CLSPNet(config, rngs=nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.join(directory, "params"), target)
+        nnx.replace_by_pure_dict(params, restored)
+        net = _materialize(nnx.merge(graphdef, params, rest), keep_params=True)
+        tok = os.path.join(directory, "tokenizer.json")
+        return cls(net, config, CaptionTokenizer(tok) if os.path.isfile(tok) else None)
+
+
+def _materialize(abstract_net: CLSPNet, keep_params: bool = False) -> CLSPNet:
+    """Concrete zeros for an `nnx.eval_shape` network (rng state re-seeded), keeping real params if asked."""
+    def concrete(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.key(0)
+            return jnp.zeros(x.shape, x.dtype)
+        return x
+
+    graphdef, params, rest = nnx.split(abstract_net, nnx.Param, ...)
+    if not keep_params:
+        params = jax.tree.map(concrete, params)
+    return nnx.merge(graphdef, params, jax.tree.map(concrete, rest))
+
+
+def _tokenizer(tokenizer):
+    if tokenizer is None or isinstance(tokenizer, CaptionTokenizer):
+        return tokenizer
+    return CaptionTokenizer(tokenizer)
+
+
+def _as_padded(audio, audio_lens):
+    if isinstance(audio, (list, tuple)):
+        waves = [np.asarray(a, np.float32).reshape(-1) for a in audio]
+        lens = np.array([len(w) for w in waves], np.int32)
+        out = np.zeros((len(waves), max(lens, default=0)), np.float32)
+        for row, w in enumerate(waves):
+            out[row, : len(w)] = w
+        return out, lens if audio_lens is None else np.asarray(audio_lens, np.int32)
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim != 2:
+        raise ValueError(f"audio must be [B, N] waveforms, got shape {audio.shape}")
+    lens = np.full(len(audio), audio.shape[1], np.int32) if audio_lens is None else np.asarray(audio_lens, np.int32)
+    if lens.shape != (len(audio),) or np.any(lens > audio.shape[1]) or np.any(lens < 0):
+        raise ValueError(f"audio_lens must be [B] counts within 0..{audio.shape[1]}, got {lens}")
+    if not np.all(np.isfinite(audio)):
+        raise ValueError("audio contains NaN or inf samples")
+    return audio, lens
