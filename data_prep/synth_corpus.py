@@ -3,7 +3,7 @@
     python -m data_prep.synth_corpus --out DIR [--num-clips 2000] [--seed 0] [--workers 4]
 
 Writes ``DIR/audio/<split>/<cut id>.flac`` (16 kHz mono, 16-bit) and ``DIR/synth_cuts_<split>.jsonl.gz``
-for train/dev/test (90/5/5): Lhotse MonoCut records (see data_prep.manifests) whose
+for train/dev/test (90/5/5): Lhotse MonoCut records (see data_prep.manifest_writer) whose
 ``supervisions[0].custom`` holds FCaps fields: ``global_captions`` (= ``short_captions``),
 ``finegrained_captions`` (= ``long_captions``), ``accent``, ``pitch``, ``speaking_rate``, ``intrinsic_tags``,
 ``situational_tags``, plus ``loudness`` and ``style_segments`` (start/end seconds, text, labels and espeak
@@ -32,7 +32,7 @@ import soundfile
 import soxr
 
 from data_prep import captions as cap
-from data_prep import manifests
+from data_prep import manifest_writer
 from data_prep.espeak import Utterance, engine
 from data_prep.sentences import make_sentences
 
@@ -249,9 +249,9 @@ def cut_record(plan: ClipPlan, num_samples: int, spans: list[tuple[int, int]]) -
         "loudness": profile.constant("loudness") or "",
         "style_segments": segments,
     }
-    rec = manifests.recording(plan.cut_id, plan.audio_path, num_samples, SAMPLE_RATE)
+    rec = manifest_writer.recording(plan.cut_id, plan.audio_path, num_samples, SAMPLE_RATE)
     text = " ".join(u.text for u in plan.utterances)
-    return manifests.mono_cut(plan.cut_id, rec, text=text, speaker=plan.speaker, gender=profile.gender,
+    return manifest_writer.mono_cut(plan.cut_id, rec, text=text, speaker=plan.speaker, gender=profile.gender,
                               custom=custom)
 
 
@@ -295,7 +295,7 @@ def build(out_dir: str | Path, num_clips: int, seed: int, workers: int = 1, log=
             pool.close()
             pool.join()
     for split in SPLITS:
-        manifests.write_jsonl_gz(out_dir / f"synth_cuts_{split}.jsonl.gz", records[split])
+        manifest_writer.write_jsonl_gz(out_dir / f"synth_cuts_{split}.jsonl.gz", records[split])
     elapsed = time.monotonic() - started
     total_hours = sum(s["hours"] for s in stats.values())
     for split, s in stats.items():

@@ -1,7 +1,9 @@
-"""Lhotse MonoCut manifests as plain dicts: build, write (JSONL.gz, byte-reproducible), read.
+"""Writing Lhotse MonoCut manifests: build records as plain dicts, write JSONL.gz byte-reproducibly.
+(Reading and validating them is data_prep.manifest.)
 
 Records follow Lhotse's ``MonoCut.to_dict()`` layout (keys in Lhotse's order, ``None`` fields left out), so
-``lhotse.CutSet.from_file`` reads what we write and our readers accept what Lhotse writes:
+``lhotse.CutSet.from_file`` reads what we write (checked with Lhotse 1.33: it re-serialises our records
+byte for byte):
 
     {"id", "start", "duration", "channel", "supervisions": [{"id", "recording_id", "start", "duration",
      "channel", "text", "speaker", "gender", "custom"}], "recording": {"id", "sources": [{"type": "file",
@@ -17,7 +19,7 @@ import decimal
 import gzip
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -27,20 +29,22 @@ def resampled_num_samples(num_samples: int, source_rate: int, target_rate: int) 
     return int(exact.quantize(decimal.Decimal(1), rounding=decimal.ROUND_HALF_UP))
 
 
-def recording(rec_id: str, source: str, num_samples: int, sampling_rate: int, target_rate: int | None = None) -> dict:
-    """A Lhotse Recording dict for a mono audio file of ``num_samples`` at ``sampling_rate`` Hz.
+def recording(rec_id: str, source: str, num_samples: int, sampling_rate: int, target_rate: int | None = None,
+              num_channels: int = 1) -> dict:
+    """A Lhotse Recording dict for an audio file of ``num_samples`` per channel at ``sampling_rate`` Hz.
 
     ``target_rate`` (e.g. 16000) adds a lazy Resample transform when it differs from the file's rate.
     """
-    if num_samples <= 0 or sampling_rate <= 0:
-        raise ValueError(f"recording {rec_id}: num_samples={num_samples}, sampling_rate={sampling_rate} must be > 0")
+    if num_samples <= 0 or sampling_rate <= 0 or num_channels <= 0:
+        raise ValueError(f"recording {rec_id}: num_samples={num_samples}, sampling_rate={sampling_rate}, "
+                         f"num_channels={num_channels} must be > 0")
     rec = {
         "id": rec_id,
-        "sources": [{"type": "file", "channels": [0], "source": source}],
+        "sources": [{"type": "file", "channels": list(range(num_channels)), "source": source}],
         "sampling_rate": sampling_rate,
         "num_samples": num_samples,
         "duration": num_samples / sampling_rate,
-        "channel_ids": [0],
+        "channel_ids": list(range(num_channels)),
     }
     if target_rate is not None and target_rate != sampling_rate:
         new_samples = resampled_num_samples(num_samples, sampling_rate, target_rate)
@@ -54,8 +58,8 @@ def recording(rec_id: str, source: str, num_samples: int, sampling_rate: int, ta
 
 def mono_cut(cut_id: str, rec: dict, *, start: float = 0, duration: float | None = None, text: str = "",
              speaker: str | None = None, gender: str | None = None, custom: dict | None = None) -> dict:
-    """A MonoCut dict over ``rec`` (seconds ``start`` .. ``start + duration``, default the whole recording)
-    with one supervision spanning the cut; ``custom`` holds labels and captions."""
+    """A MonoCut dict over channel 0 of ``rec`` (seconds ``start`` .. ``start + duration``, default the whole
+    recording) with one supervision spanning the cut; ``custom`` holds labels and captions."""
     if duration is None:
         duration = rec["duration"] - start
     if start < 0 or duration <= 0 or start + duration > rec["duration"] + 1e-6:
@@ -83,16 +87,3 @@ def write_jsonl_gz(path: str | Path, cuts: Iterable[dict]) -> int:
                 f.write(json.dumps(cut, ensure_ascii=False) + "\n")
                 count += 1
     return count
-
-
-def read_jsonl_gz(path: str | Path) -> Iterator[dict]:
-    """Yield the records of a JSONL or JSONL.gz manifest."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: bad JSON line ({e})") from None
