@@ -212,7 +212,8 @@ def process_unit(work_root: str, index: int, settings: BuildSettings) -> dict:
             rejects.append(_reject_entry(e, cut["id"], entry["manifest"], entry["line"]))
         except Exception as e:  # a bug or an odd file must not stop the build; it is reported
             detail = "".join(traceback.format_exception_only(e)).strip()
-            rejects.append(_reject_entry(ClipRejected("unexpected_error", detail), cut["id"], entry["manifest"], entry["line"]))
+            error = ClipRejected("unexpected_error", detail)
+            rejects.append(_reject_entry(error, cut["id"], entry["manifest"], entry["line"]))
             log.warning("clip %s: unexpected error %s", cut["id"], detail)
         _maybe_inject_fault()
 
@@ -305,8 +306,10 @@ def finalize(work: WorkDir, num_units: int, name: str, split: str, bdir: Path) -
         _atomic_write_text(reports / "summary.json", json.dumps(summary, indent=1) + "\n")
         splits = fcaps_tfds.existing_splits(bdir)
         splits.pop(split, None)
+        sidecar = fcaps_tfds.num_samples_path(bdir, name, split)
+        sidecar.unlink(missing_ok=True)
         if kept:
-            np.save(fcaps_tfds.num_samples_path(bdir, name, split), num_samples)
+            np.save(sidecar, num_samples)
             splits[split] = {
                 "shardLengths": [dones[i]["num_examples"] for i in kept],
                 "numBytes": sum(dones[i]["num_bytes"] for i in kept),

@@ -35,7 +35,8 @@ def read_rejects(data_dir: Path, split: str) -> dict[str, str]:
 
 def test_clean_build_round_trips_audio_captions_and_tags(tmp_path):
     manifest, audio_root, records = ff.make_corpus(tmp_path / "src", 5)
-    summary = prepare([manifest], split="train", data_dir=tmp_path / "tfds", settings=BuildSettings(str(audio_root)), clips_per_shard=2)
+    settings = BuildSettings(str(audio_root))
+    summary = prepare([manifest], split="train", data_dir=tmp_path / "tfds", settings=settings, clips_per_shard=2)
     assert summary["accepted"] == 5 and summary["rejected"] == 0 and summary["num_shards"] == 3
     expected_hours = sum(round(r["duration"] * 16000) for r in records) / 16000 / 3600
     assert summary["accepted_hours"] == pytest.approx(expected_hours, rel=1e-9)
@@ -96,14 +97,15 @@ def test_bad_input_is_rejected_with_a_reason_and_good_input_survives(tmp_path):
         ff.cut("tar_missing_member", f"{a / 'pack.tar'}//inner/nope.wav", 3.0),
         ff.cut("no_captions", "ok.wav", 3.0, global_captions=[], finegrained_captions=[]),
         ff.cut("short", "ok.wav", 1.0),
-        ff.cut("bad_fine", "ok.wav", 3.0, global_captions=[g], finegrained_captions=["multi\nline " + fine, "too short"]),
+        ff.cut("bad_fine", "ok.wav", 3.0, global_captions=[g], finegrained_captions=["two\nlines " + fine, "short"]),
         ff.cut("mixed_fine", "ok.wav", 3.0, global_captions=[g], finegrained_captions=["too short", fine]),
         b"{this is not json",
         b'{"id": "latin1", "caption": "caf\xe9"}',
         ff.cut("good", "ok.wav", 3.0),  # duplicate id
     ]
     manifest = ff.write_manifest(tmp_path / "cuts.jsonl", cuts)
-    summary = prepare([manifest], split="train", data_dir=tmp_path / "tfds", settings=BuildSettings(str(a)), clips_per_shard=4)
+    summary = prepare([manifest], split="train", data_dir=tmp_path / "tfds", settings=BuildSettings(str(a)),
+                      clips_per_shard=4)
 
     rejects = read_rejects(tmp_path / "tfds", "train")
     assert rejects == {
@@ -129,7 +131,8 @@ def test_bad_input_is_rejected_with_a_reason_and_good_input_survives(tmp_path):
     ok_audio, _ = sf.read(ok, dtype="float32")
     np.testing.assert_array_equal(examples["tar"]["waveform"], audio.to_int16(ok_audio))
     low_audio, _ = sf.read(low, dtype="float32")
-    np.testing.assert_array_equal(examples["rate8k"]["waveform"], audio.to_int16(soxr.resample(low_audio, 8000, 16000, "HQ")))
+    expected = soxr.resample(low_audio, 8000, 16000, "HQ")
+    np.testing.assert_array_equal(examples["rate8k"]["waveform"], audio.to_int16(expected))
     assert examples["rate8k"]["num_samples"] == 48000
     stereo_audio, _ = sf.read(stereo, dtype="float32")
     expected = soxr.resample(np.ascontiguousarray(stereo_audio[:, 1]), 44100, 16000, "HQ")
@@ -165,7 +168,8 @@ def _cli(manifest, audio_root, data_dir, *extra, env=None):
 
 def _dataset_files(data_dir: Path) -> dict[str, bytes]:
     bdir = fcaps_tfds.builder_dir(data_dir)
-    files = {p.relative_to(bdir).as_posix(): p.read_bytes() for p in bdir.rglob("*") if p.is_file() and p.name != ".metadata.lock"}
+    paths = [p for p in bdir.rglob("*") if p.is_file() and p.name != ".metadata.lock"]
+    files = {p.relative_to(bdir).as_posix(): p.read_bytes() for p in paths}
     info = json.loads(files.pop("dataset_info.json"))
     files["splits"] = json.dumps(info["splits"], sort_keys=True).encode()
     return files

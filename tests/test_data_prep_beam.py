@@ -25,7 +25,8 @@ def test_beam_build_equals_local_build(tmp_path, workers):
     (audio_root / "c0002.wav").write_text("broken")
     settings = BuildSettings(str(audio_root))
     local = prepare([manifest], split="train", data_dir=tmp_path / "local", settings=settings, clips_per_shard=2)
-    beam = prepare([manifest], split="train", data_dir=tmp_path / "beam", settings=settings, clips_per_shard=2, beam=True, workers=workers)
+    beam = prepare([manifest], split="train", data_dir=tmp_path / "beam", settings=settings, clips_per_shard=2,
+                   beam=True, workers=workers)
     assert beam == local
     assert local["accepted"] == 6 and local["rejected_by_reason"] == {"decode_error": 1}
     assert _shards(tmp_path / "beam") == _shards(tmp_path / "local") and len(_shards(tmp_path / "local")) == 4
