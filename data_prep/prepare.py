@@ -19,6 +19,9 @@ Three resumable stages, all state under ``<data-dir>/<name>/_work/<split>/``:
    reason, detail, manifest, line) and ``summary.json``, update ``dataset_info.json`` (other splits
    are kept), then delete the work directory.
 
+Audio sources are paths relative to ``--audio-root`` (or absolute), or tar members written
+``<archive>.tar//<member>`` (see ``data_prep.manifest``).
+
 Re-running the same command after an interruption resumes; the result equals an uninterrupted
 build byte for byte. Re-running with different arguments over an unfinished build is refused.
 Filters (defaults are the authors'): duration in [--min-duration, --max-duration] s; fine-grained
@@ -37,6 +40,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -347,6 +351,8 @@ def prepare(
     for m in manifests:
         if not m.is_file():
             raise ValueError(f"manifest {m} does not exist")
+    if not re.fullmatch(r"[\w-]+", split) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"split {split!r} must match [\\w-]+ and name {name!r} [a-z][a-z0-9_]* (TFDS names)")
     if clips_per_shard < 1 or workers < 1:
         raise ValueError("--clips-per-shard and --workers must be >= 1")
     bdir = fcaps_tfds.builder_dir(data_dir, name)

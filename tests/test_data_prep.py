@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -214,5 +213,7 @@ def test_second_split_joins_the_same_dataset(tmp_path):
     prepare([dev_manifest], split="dev", data_dir=tmp_path / "tfds", settings=settings)
     assert sorted(read_split(tmp_path / "tfds", "dev")) == ["dev0"]
     assert len(read_split(tmp_path / "tfds", "train")) == 4
+    with pytest.raises(ValueError, match="TFDS names"):
+        prepare([dev_manifest], split="dev/1", data_dir=tmp_path / "tfds", settings=settings)
     with pytest.raises(ValueError, match="does not exist"):
         prepare([tmp_path / "nope.jsonl"], split="x", data_dir=tmp_path / "tfds", settings=settings)
