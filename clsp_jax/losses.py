@@ -224,6 +224,7 @@ def hard_negative_loss(
     logit_scale: jax.Array,
     local_weight: float = 0.2,
     local_positives: Sequence[int] = (0,),
+    neg_mask: jax.Array | None = None,
     *,
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, Metrics]:
@@ -233,6 +234,7 @@ def hard_negative_loss(
     `local_positives` and its perturbed caption, averaged over clips. The perturbed captions are not
     negatives of the global term. The authors' finetune_stage3.py uses local_positives=(0,), the global
     caption the negative was perturbed from (a 2-way softmax); (0, 1) gives the 3-way variant.
+    `neg_mask` [B] bool drops clips whose perturbation failed from the local term (None: all valid).
 
     audio_emb [B, D]; text_emb [B, K, D] (K=2: global, fine-grained); neg_emb [B, D]; logit_scale scalar.
     Metrics: those of multi_positive_loss, global_loss, local_loss, acc_hard_neg (a positive beats the
@@ -259,15 +261,17 @@ def hard_negative_loss(
     lse_pos = jax.nn.logsumexp(pos, axis=1)
     per_clip = jnp.logaddexp(lse_pos, neg) - lse_pos
     hits = jnp.max(pos, axis=1) > neg
+    valid = jnp.ones(audio_emb.shape[0], bool) if neg_mask is None else neg_mask.astype(bool)
     total, hit_n, neg_sum, n = _psum(
         (
-            jnp.sum(per_clip),
-            jnp.sum(hits.astype(jnp.float32)),
-            jnp.sum(jax.lax.stop_gradient(neg)),
-            jnp.asarray(audio_emb.shape[0], jnp.float32),
+            jnp.sum(jnp.where(valid, per_clip, 0.0)),
+            jnp.sum(jnp.where(valid, hits, False).astype(jnp.float32)),
+            jnp.sum(jnp.where(valid, jax.lax.stop_gradient(neg), 0.0)),
+            jnp.sum(valid.astype(jnp.float32)),
         ),
         axis_name,
     )
+    n = jnp.maximum(n, 1.0)
     local_loss = total / n
     metrics = {
         **metrics,

@@ -50,10 +50,10 @@ class Transform(nnx.Module):
         # Keys are the PyTorch nn.Sequential indices: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear.
         self.sequential = nnx.Dict({"0": _linear(dim, dim, dtype, param_dtype, rngs),
                                     "3": _linear(dim, dim, dtype, param_dtype, rngs)})
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, x, deterministic):
-        x = self.dropout(jax.nn.relu(self.sequential["0"](x)), deterministic=deterministic)
+    def __call__(self, x, deterministic, rngs):
+        x = self.dropout(jax.nn.relu(self.sequential["0"](x)), deterministic=deterministic, rngs=rngs)
         return self.sequential["3"](x)
 
 
@@ -94,20 +94,23 @@ class CLSPNet(nnx.Module):
         self.text_transform = Transform(joint, p, **kw)
         self.logit_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), param_dtype))
 
-    def encode_features(self, features, feature_lens, *, deterministic=True):
+    def encode_features(self, features, feature_lens, *, deterministic=True, rngs=None):
         """features [B, T, F] fbank, feature_lens [B] -> (frames [B, T', C], frame_lens [B]) at ~25 Hz."""
-        return self.speech(features, feature_lens, deterministic=deterministic)
+        return self.speech(features, feature_lens, deterministic=deterministic, rngs=rngs)
 
-    def embed_features(self, features, feature_lens, *, deterministic=True):
-        """features [B, T, F], feature_lens [B] -> unit-norm audio embeddings [B, joint_dim] float32."""
-        frames, lens = self.encode_features(features, feature_lens, deterministic=deterministic)
+    def embed_features(self, features, feature_lens, *, deterministic=True, rngs=None):
+        """features [B, T, F], feature_lens [B] -> unit-norm audio embeddings [B, joint_dim] float32.
+
+        Training (`deterministic=False`) needs `rngs` (e.g. `nnx.Rngs(dropout=key)`) for dropout.
+        """
+        frames, lens = self.encode_features(features, feature_lens, deterministic=deterministic, rngs=rngs)
         x = _project(self.audio_projection, masked_mean(frames, lens).astype(frames.dtype))
-        return l2_normalize(self.audio_transform(x, deterministic))
+        return l2_normalize(self.audio_transform(x, deterministic, rngs))
 
-    def embed_tokens(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
+    def embed_tokens(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None):
         """input_ids, attention_mask [B, L] -> unit-norm text embeddings [B, joint_dim] float32."""
-        pooled = self.text_encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
-        return l2_normalize(self.text_transform(_project(self.text_projection, pooled), deterministic))
+        pooled = self.text_encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic, rngs=rngs)
+        return l2_normalize(self.text_transform(_project(self.text_projection, pooled), deterministic, rngs))
 
     def scale(self):
         """exp(logit_scale), the multiplier of the cosine similarities."""

@@ -81,13 +81,13 @@ class Embeddings(nnx.Module):
         self.token_type_embeddings = emb(cfg["type_vocab_size"])
         self.LayerNorm = nnx.LayerNorm(h, epsilon=cfg["layer_norm_eps"], dtype=dtype, param_dtype=param_dtype,
                                        rngs=rngs)
-        self.dropout = nnx.Dropout(cfg["hidden_dropout_prob"], rngs=rngs)
+        self.dropout = nnx.Dropout(cfg["hidden_dropout_prob"])
         self.cfg = cfg
 
-    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic):
+    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic, rngs):
         pos = position_ids(input_ids, attention_mask, self.cfg)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic, rngs=rngs)
 
 
 class SelfAttention(nnx.Module):
@@ -97,9 +97,9 @@ class SelfAttention(nnx.Module):
         self.query = _linear(h, h, dtype, param_dtype, rngs, std)
         self.key = _linear(h, h, dtype, param_dtype, rngs, std)
         self.value = _linear(h, h, dtype, param_dtype, rngs, std)
-        self.attn_dropout = nnx.Dropout(cfg["attention_probs_dropout_prob"], rngs=rngs)
+        self.attn_dropout = nnx.Dropout(cfg["attention_probs_dropout_prob"])
 
-    def __call__(self, x, mask, deterministic):
+    def __call__(self, x, mask, deterministic, rngs):
         """x [B, L, H], mask [B, L] bool (True = token) -> [B, L, H]."""
         b, l, h = x.shape
         split = lambda y: y.reshape(b, l, self.num_heads, h // self.num_heads)
@@ -109,7 +109,7 @@ class SelfAttention(nnx.Module):
         else:  # attention-probability dropout needs the explicit weights
             scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
             scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-            probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1), deterministic=False)
+            probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1), deterministic=False, rngs=rngs)
             out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
         return out.reshape(b, l, h)
 
@@ -122,10 +122,10 @@ class DenseLayerNorm(nnx.Module):
         self.dense = _linear(din, h, dtype, param_dtype, rngs, cfg["initializer_range"])
         self.LayerNorm = nnx.LayerNorm(h, epsilon=cfg["layer_norm_eps"], dtype=dtype, param_dtype=param_dtype,
                                        rngs=rngs)
-        self.dropout = nnx.Dropout(cfg["hidden_dropout_prob"], rngs=rngs)
+        self.dropout = nnx.Dropout(cfg["hidden_dropout_prob"])
 
-    def __call__(self, x, residual, deterministic):
-        return self.LayerNorm(self.dropout(self.dense(x), deterministic=deterministic) + residual)
+    def __call__(self, x, residual, deterministic, rngs):
+        return self.LayerNorm(self.dropout(self.dense(x), deterministic=deterministic, rngs=rngs) + residual)
 
 
 class Attention(nnx.Module):
@@ -134,8 +134,8 @@ class Attention(nnx.Module):
         self.self = SelfAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.output = DenseLayerNorm(cfg["hidden_size"], cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, mask, deterministic):
-        return self.output(self.self(x, mask, deterministic), x, deterministic)
+    def __call__(self, x, mask, deterministic, rngs):
+        return self.output(self.self(x, mask, deterministic, rngs), x, deterministic, rngs)
 
 
 class Intermediate(nnx.Module):
@@ -154,9 +154,9 @@ class Layer(nnx.Module):
         self.intermediate = Intermediate(cfg, **kw)
         self.output = DenseLayerNorm(cfg["intermediate_size"], cfg, **kw)
 
-    def __call__(self, x, mask, deterministic):
-        x = self.attention(x, mask, deterministic)
-        return self.output(self.intermediate(x), x, deterministic)
+    def __call__(self, x, mask, deterministic, rngs):
+        x = self.attention(x, mask, deterministic, rngs)
+        return self.output(self.intermediate(x), x, deterministic, rngs)
 
 
 class Encoder(nnx.Module):
@@ -164,9 +164,9 @@ class Encoder(nnx.Module):
         self.layer = nnx.List([Layer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                for _ in range(cfg["num_hidden_layers"])])
 
-    def __call__(self, x, mask, deterministic):
+    def __call__(self, x, mask, deterministic, rngs):
         for layer in self.layer:
-            x = layer(x, mask, deterministic)
+            x = layer(x, mask, deterministic, rngs)
         return x
 
 
@@ -190,15 +190,20 @@ class TextEncoder(nnx.Module):
         self.pooler = Pooler(cfg, **kw)
         self.output_dim = cfg["hidden_size"]
 
-    def hidden_states(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
-        """input_ids, attention_mask [B, L] int -> last hidden states [B, L, hidden_size]."""
+    def hidden_states(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None):
+        """input_ids, attention_mask [B, L] int -> last hidden states [B, L, hidden_size].
+
+        Training (`deterministic=False`) needs `rngs` with a "dropout" (or default) stream.
+        """
+        if not deterministic and rngs is None:
+            raise ValueError("deterministic=False needs rngs for dropout, e.g. rngs=nnx.Rngs(dropout=key)")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
-        x = self.embeddings(input_ids, mask, token_type_ids, deterministic)
-        return self.encoder(x, mask, deterministic)
+        x = self.embeddings(input_ids, mask, token_type_ids, deterministic, rngs)
+        return self.encoder(x, mask, deterministic, rngs)
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None):
         """input_ids, attention_mask [B, L] int -> pooler output [B, hidden_size]."""
         return self.pooler(self.hidden_states(input_ids, attention_mask, token_type_ids,
-                                              deterministic=deterministic))
+                                              deterministic=deterministic, rngs=rngs))

@@ -1,0 +1,154 @@
+"""Device mesh, logical axis rules, parameter sharding and global batches.
+
+The mesh has axes (data, fsdp, tensor). The batch is split over (data, fsdp); parameters are sharded over
+fsdp (ZeRO-3 style: each weight's "embed" dimension) and tensor (the "mlp"/"heads"/"vocab" dimension).
+Which dimension of a weight is which logical axis follows from its path, by `LOGICAL_RULES` below.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis. A dimension whose size the mesh axis does not divide stays replicated.
+LOGICAL_TO_MESH = {"embed": "fsdp", "mlp": "tensor", "vocab": "tensor"}
+
+# (path regex, logical axes of the NNX-layout array), first match wins; paths are "/"-joined NNX paths.
+# Linear kernels are [in, out]: projections into a wider space are ("embed", "mlp"), projections back
+# ("mlp", "embed"). Convolution kernels are [*k, in/groups, out].
+LOGICAL_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"embeddings/word_embeddings/embedding$", ("vocab", "embed")),
+    (r"embeddings/\w+_embeddings/embedding$", (None, "embed")),
+    (r"(in_proj|query|key|value|intermediate/dense|linear_pos)/kernel$", ("embed", "mlp")),
+    (r"(out_proj|output/dense)/kernel$", ("mlp", "embed")),
+    (r"(in_proj|query|key|value|intermediate/dense)/bias$", ("mlp",)),
+    (r"encoder_embed/out/kernel$", (None, "embed")),
+    (r"(projection/\d|transform/sequential/\d|pooler/dense)/kernel$", ("embed", None)),
+    (r"depthwise_conv/kernel$", (None, None, "embed")),
+)
+
+
+def parse_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with at most one -1 meaning "the remaining devices"."""
+    shape = [int(s) for s in shape]
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: entries must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+        raise ValueError(f"mesh shape {shape} does not divide the {num_devices} devices")
+    shape = [num_devices // known if s == -1 else s for s in shape]
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh shape {shape} uses {math.prod(shape)} devices, but {num_devices} are present")
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes (Explicit axes reject our sharded contractions)."""
+    devices = jax.devices() if devices is None else devices
+    shape = parse_mesh_shape(shape, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def batch_size_per_shard(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def logical_axes(path: str, ndim: int) -> tuple:
+    for pattern, axes in LOGICAL_RULES:
+        if re.search(pattern, path) and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec of one parameter; logical axes whose mesh axis does not divide the dim stay replicated."""
+    spec = []
+    for dim, axis in zip(shape, logical_axes(path, len(shape))):
+        mesh_axis = LOGICAL_TO_MESH.get(axis)
+        ok = mesh_axis is not None and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0
+        spec.append(mesh_axis if ok else None)
+    return P(*spec)
+
+
+def path_str(path) -> str:
+    """A jax key path as "a/0/b"."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def param_shardings(params, mesh: Mesh):
+    """NamedSharding pytree for a pytree of arrays / ShapeDtypeStructs (e.g. `nnx.state(model)`)."""
+    def one(path, x):
+        shape = getattr(x, "shape", ())
+        return NamedSharding(mesh, param_spec(path_str(path), shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def replicated_report(params, shardings, top: int = 5) -> list[tuple[str, int]]:
+    """The `top` largest fully replicated arrays as (path, number of elements), largest first."""
+    rows = []
+
+    def visit(path, x, sharding):
+        if all(s is None for s in sharding.spec):
+            rows.append((path_str(path), int(np.prod(x.shape))))
+
+    jax.tree_util.tree_map_with_path(visit, params, shardings)
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def check_no_large_replicated(params, shardings, mesh: Mesh, max_elements: int = 1 << 20) -> None:
+    """Raises if a weight over `max_elements` is replicated while the mesh could shard it."""
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+        return
+    big = [(p, n) for p, n in replicated_report(params, shardings, top=1 << 30) if n > max_elements]
+    if big:
+        raise ValueError(f"large weights left replicated on mesh {dict(mesh.shape)}: {big[:5]}")
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading dimension over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over (data, fsdp) (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in host_batch.items()}
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize()` when launched as one of several processes.
+
+    Recognised launches: an explicit coordinator (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID), SLURM with more than one task, and multi-worker Cloud TPU slices. Returns whether it did.
+    """
+    env = os.environ
+    multi = ("JAX_COORDINATOR_ADDRESS" in env
+             or int(env.get("SLURM_NTASKS", "1")) > 1
+             or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    if not multi:
+        return False
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
