@@ -2,7 +2,7 @@
 
 State is a plain pytree (`TrainState` dict) so Orbax and sharding see arrays only:
 
-    {"step": int32 [], "params": nnx.State of Params (float32 master weights), "opt_state": optax state,
+    {"step": int32 [], "params": nested dict of Params (float32 master weights), "opt_state": optax state,
      "ema": float32 params or None, "nonfinite_streak": int32 []}
 
 The network runs with `dtype` = the compute dtype (bf16 by default on accelerators) over float32 master
@@ -61,7 +61,8 @@ def captions_per_clip(objective: str) -> int:
 
 
 def init_state(net: CLSPNet, tx: optax.GradientTransformation, ema: bool = False) -> dict:
-    params = nnx.state(net, nnx.Param)
+    """The train state of `net`; params are a plain nested dict (what Orbax saves and nnx.merge takes)."""
+    params = nnx.to_pure_dict(nnx.state(net, nnx.Param))
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
