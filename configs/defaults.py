@@ -1,0 +1,58 @@
+"""The sections every training config has; `configs/*.py` start from `base_config()` and change a few keys.
+
+Sections: model (the network), data (clsp_jax.data.default_config keys + data_dir, tokenizer), optim
+(clsp_jax.optim keys), train (the loop: mesh, objective, steps, logging, checkpoints, init), eval (evaluators
+run on the dev split during training).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from clsp_jax.data.pipeline import default_config as default_data_config
+from clsp_jax.optim import default_optim_config
+
+
+def base_config(model: dict) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(model)
+
+    config.data = default_data_config()
+    config.data.data_dir = config_dict.placeholder(str)  # prepared TFDS dir (python -m data_prep.prepare)
+    config.data.name = "fcaps"
+    config.data.tokenizer = config_dict.placeholder(str)  # tokenizer.json of the text tower
+
+    config.optim = ml_collections.ConfigDict(default_optim_config())
+    config.optim.total_steps = config_dict.placeholder(int)
+    config.optim.steps_per_epoch = config_dict.placeholder(int)
+    config.optim.ema_decay = config_dict.placeholder(float)
+
+    config.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=10000,
+            seed=0,
+            mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
+            objective="clip",  # clip (stage 1) | multi_positive (stage 2) | hard_negative (stage 3)
+            hard_negative_weight=0.2,
+            hard_negative_positives=(0,),  # the authors' 2-way local term; (0, 1) for 3-way
+            compute_dtype="bfloat16",  # activations; master weights stay float32
+            log_every_steps=50,
+            checkpoint_every_steps=1000,
+            checkpoint_every_minutes=30.0,
+            keep_checkpoints=3,
+            keep_best_metric=config_dict.placeholder(str),  # e.g. "dev/global/a2t_R@1": also keep the best
+            max_nonfinite_streak=20,  # consecutive skipped (non-finite) updates before the run stops
+            init_clsp=config_dict.placeholder(str),  # authors' CLSP checkpoint (.safetensors / .pt)
+            init_speech=config_dict.placeholder(str),  # SPEAR checkpoint for the speech tower
+            init_text=config_dict.placeholder(str),  # Hugging Face RoBERTa/BERT checkpoint for the text tower
+        )
+    )
+
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            every_steps=1000,
+            split="dev",
+            retrieval=True,
+            zeroshot_gender=True,  # zero-shot gender on the dev split's gender tags
+        )
+    )
+    return config
