@@ -187,6 +187,19 @@ class _Rules:
                                  f"(paths look like {paths[:3]})")
 
 
+def stop_frozen_gradients(frozen: list[str], params):
+    """`params` with `jax.lax.stop_gradient` on leaves matching the `frozen` regexes.
+
+    The train step applies it before the forward pass, so XLA drops the backward pass of frozen towers
+    instead of computing gradients that the optimizer would zero.
+    """
+    patterns = [re.compile(p) for p in frozen]
+    if not patterns:
+        return params
+    return _map_paths(lambda path, x: jax.lax.stop_gradient(x) if any(p.search(path) for p in patterns) else x,
+                      params)
+
+
 def lr_scale_for(cfg: Mapping, path: str) -> float:
     """LR multiplier of the parameter at `path`: the first matching param group's lr_scale, else 1."""
     return _Rules(resolve_config(cfg)).lr_scale(path)

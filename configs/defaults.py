@@ -40,7 +40,8 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             checkpoint_every_minutes=30.0,
             keep_checkpoints=3,
             keep_best_metric=config_dict.placeholder(str),  # e.g. "dev/global/a2t_R@1": also keep the best
-            max_nonfinite_streak=20,  # consecutive skipped (non-finite) updates before the run stops
+            max_nonfinite_streak=20,
+            compilation_cache_dir="~/.cache/clsp_jax/xla",  # persistent XLA cache ("" = off)  # consecutive skipped (non-finite) updates before the run stops
             init_clsp=config_dict.placeholder(str),  # authors' CLSP checkpoint (.safetensors / .pt)
             init_speech=config_dict.placeholder(str),  # SPEAR checkpoint for the speech tower
             init_text=config_dict.placeholder(str),  # Hugging Face RoBERTa/BERT checkpoint for the text tower

@@ -55,9 +55,9 @@ def get_config():
     config.data.stage = 2
     # Two audio buckets and one text length: few compilations on a CPU.
     config.data.bucket_boundaries_s = (5.0, 10.5)
-    config.data.max_audio_seconds_per_batch = 160.0
-    config.data.text_length_buckets = (128,)
-    config.data.text_fixed_length = 128
+    config.data.max_audio_seconds_per_batch = 120.0
+    config.data.text_length_buckets = (112,)
+    config.data.text_fixed_length = 112
     config.data.eval_batch_size = 32
     config.train.objective = "multi_positive"
     config.train.num_steps = 600
@@ -68,5 +68,9 @@ def get_config():
     config.optim.base_lr = 2e-3
     config.optim.warmup_steps = 50
     config.optim.total_steps = config.train.get_ref("num_steps")  # follows --config.train.num_steps
-    config.optim.param_groups = [dict(name="towers", pattern=r"^(speech|text_encoder)/", lr_scale=0.25)]
+    # On a CPU two parts stay frozen (forward only; their backward passes are skipped): the pretrained text
+    # encoder (its pooler learns) and the speech tower's convolutional front end, whose fixed-width convs
+    # dominate a CPU step. The Zipformer stacks, the heads and the temperature learn.
+    config.optim.frozen = [r"^text_encoder/(embeddings|encoder)/", r"^speech/encoder_embed/"]
+    config.optim.param_groups = [dict(name="towers", pattern=r"^(speech|text_encoder)/", lr_scale=1.0)]
     return config

@@ -19,16 +19,10 @@ def main(argv):
 
     config = flags.FLAGS.config
     try:
-        train(config, flags.FLAGS.workdir, evaluate=_evaluator(config))
+        train(config, flags.FLAGS.workdir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def _evaluator(config):
-    from clsp_jax.train.evaluation import make_evaluator
-
-    return make_evaluator(config)
 
 
 if __name__ == "__main__":

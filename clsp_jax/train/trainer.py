@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Mapping
 
@@ -31,6 +30,7 @@ from clsp_jax.data.pipeline import make_train_iterator
 from clsp_jax.models.clsp import CLSPNet
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train import checkpoint
+from clsp_jax.train.evaluation import make_evaluator
 from clsp_jax.train.step import captions_per_clip, init_state, make_train_step
 
 log = logging.getLogger("clsp_jax.train")
@@ -165,18 +165,20 @@ def _write_run_files(config, workdir: str) -> None:
     shutil.copyfile(config.data.tokenizer, os.path.join(workdir, "tokenizer.json"))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, evaluate=None) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics.
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics (train and final eval).
 
     Args:
       config: a resolved config (configs/*.py get_config(), with overrides).
       workdir: where config, metrics and checkpoints live; an existing one is resumed.
-      evaluate: optional `(net, step) -> {name: value}` run every `eval.every_steps` and at the end.
     """
     sharding.maybe_initialize_distributed()
     mesh_shape = check_config(config, jax.device_count())
     workdir = os.path.abspath(workdir)
     t = config.train
+    if t.get("compilation_cache_dir"):  # restarts (resume, the demo) skip recompiling the step
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(t.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     _write_run_files(config, workdir)
 
     mesh = sharding.make_mesh(mesh_shape)
@@ -205,7 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluate=None) -> dic
         start = int(state["step"])
         log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), start)
 
-    step_cfg = dict(t.to_dict(), ema_decay=config.optim.get("ema_decay"))
+    evaluate = make_evaluator(config, graphdef, rest, tokenizer)
+    step_cfg = dict(t.to_dict(), ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen))
     step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, step_cfg, mesh),
                       in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
     captions = captions_per_clip(t.objective)
@@ -231,13 +234,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluate=None) -> dic
             progress.print(step + 1, last)
         return streak
 
-    def eval_and_save(step: int, force: bool) -> None:
+    def eval_and_save(step: int, final: bool) -> None:
+        """Periodic (or final) evaluation, then a checkpoint when the policy (or `final`) asks for one."""
         eval_metrics = None
-        if evaluate is not None and (step % config.eval.every_steps == 0 or force):
-            net = nnx.merge(graphdef, jax.device_get(state["params"]), rest)
-            eval_metrics = evaluate(net, step)
+        due = step % config.eval.every_steps == 0 or final
+        if evaluate is not None and due and not preemption.requested:
+            eval_metrics = evaluate(state["params"], step)
             metrics_log.write(step, eval_metrics)
-        checkpoint.save(manager, step, state, data.get_state(), metrics=eval_metrics, force=force)
+            last.update(eval_metrics)
+            progress.print_eval(step, eval_metrics)
+        if manager.latest_step() != step:
+            checkpoint.save(manager, step, state, data.get_state(), metrics=eval_metrics, force=final)
 
     step = start
     try:
@@ -252,12 +259,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, evaluate=None) -> dic
             step += 1
             if preemption.requested:
                 break
-            eval_and_save(step, force=False)
+            if step < t.num_steps:
+                eval_and_save(step, final=False)
         if pending is not None and flush(pending) > t.max_nonfinite_streak:
             raise FloatingPointError(f"{t.max_nonfinite_streak} consecutive non-finite losses")
-        eval_and_save(step, force=True)
+        eval_and_save(step, final=True)
     except FloatingPointError as e:
-        checkpoint.save(manager, step, state, data.get_state(), force=True)
+        if manager.latest_step() != step:
+            checkpoint.save(manager, step, state, data.get_state(), force=True)
         manager.wait_until_finished()
         raise SystemExit(f"stopping at step {step}: {e} (updates were skipped; checkpoint saved). "
                          "Lower the learning rate or check the data.") from None
@@ -295,6 +304,12 @@ class _Progress:
         print(f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.2e} "
               f"scale {metrics['logit_scale']:.2f} | {sps:.2f} steps/s {metrics['samples_per_second']:.1f} clips/s "
               f"{metrics['audio_hours_per_second'] * 3600:.0f} audio-s/s | ETA {_hms(eta)}", flush=True)
+
+
+    def print_eval(self, step, metrics):
+        if jax.process_index() == 0:
+            shown = {k: v for k, v in metrics.items() if k.endswith(("R@1", "mAP@10", "WA"))}
+            print(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())), flush=True)
 
 
 def _hms(seconds: float) -> str:
