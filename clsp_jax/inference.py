@@ -10,6 +10,7 @@ handful of compiled programs instead of compiling one per shape.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -89,9 +90,29 @@ class CLSP:
           config: `{"speech": <icefall argument names>, "text": <HF config names>, "joint_dim"?}`.
           tokenizer: a tokenizer.json path (or folder), a CaptionTokenizer, or None.
         """
-        net = _materialize(nnx.eval_shape(lambda: CLSPNet(config, rngs=nnx.Rngs(0))))
+        graphdef, shapes, rest = _abstract_net(config)
+        net = _materialize(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), rest)
         weights.load_clsp(net, state_dict_or_path)
         return cls(net, config, _tokenizer(tokenizer))
+
+    @classmethod
+    def from_params(cls, params: Mapping, config: Mapping, tokenizer=None) -> "CLSP":
+        """A network holding `params`, the nested dict of `nnx.to_pure_dict(nnx.state(net, nnx.Param))`
+        (e.g. a train state's `params` or `ema`, as `clsp_jax.train.checkpoint.restore_params` returns them).
+
+        Raises ValueError naming missing, unexpected or mis-shaped parameters.
+        """
+        graphdef, shapes, rest = _abstract_net(config)
+        want, got = nnx.traversals.flatten_mapping(shapes), nnx.traversals.flatten_mapping(params)
+        problems = [f"missing {'/'.join(map(str, k))}" for k in want if k not in got]
+        problems += [f"unexpected {'/'.join(map(str, k))}" for k in got if k not in want]
+        problems += [f"{'/'.join(map(str, k))}: shape {np.shape(v)} vs model {want[k].shape}"
+                     for k, v in got.items() if k in want and np.shape(v) != want[k].shape]
+        if problems:
+            raise ValueError(f"params do not fit the config's network ({len(problems)} problem(s)): "
+                             + "; ".join(problems[:10]))
+        params = jax.tree.map(lambda v, s: jnp.asarray(v, s.dtype), params, shapes)
+        return cls(_materialize(graphdef, params, rest), config, _tokenizer(tokenizer))
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:
         """The weights under the authors' PyTorch names and layouts (float32 numpy)."""
@@ -174,19 +195,30 @@ class CLSP:
             raise FileNotFoundError(f"{directory} is not a saved CLSP (no config.json)")
         with open(config_path) as f:
             config = json.load(f)
-        abstract = nnx.eval_shape(lambda: CLSPNet(config, rngs=nnx.Rngs(0)))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(directory, "params"), target)
-        nnx.replace_by_pure_dict(params, restored)
-        net = _materialize(nnx.merge(graphdef, params, rest), keep_params=True)
+            params = ckptr.restore(os.path.join(directory, "params"), _abstract_net(config)[1])
         tok = os.path.join(directory, "tokenizer.json")
-        return cls(net, config, CaptionTokenizer(tok) if os.path.isfile(tok) else None)
+        return cls.from_params(params, config, CaptionTokenizer(tok) if os.path.isfile(tok) else None)
 
 
-def _materialize(abstract_net: CLSPNet, keep_params: bool = False) -> CLSPNet:
-    """Concrete zeros for an `nnx.eval_shape` network (rng state re-seeded), keeping real params if asked."""
+@functools.lru_cache(maxsize=4)
+def _abstract_net_cached(config_json: str):
+    abstract = nnx.eval_shape(lambda: CLSPNet(json.loads(config_json), rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), rest
+
+
+def _abstract_net(config: Mapping):
+    """(graphdef, param ShapeDtypeStructs as a nested dict, abstract non-param state) of the config's network.
+
+    Cached: tracing the constructor takes seconds, and export / load / from_torch each need it.
+    """
+    return _abstract_net_cached(json.dumps(model_config(config), sort_keys=True))
+
+
+def _materialize(graphdef, params, abstract_rest) -> CLSPNet:
+    """The network of `graphdef` with `params` (a nested dict of arrays) and fresh concrete non-param state
+    (rng streams re-seeded)."""
     def concrete(x):
         if isinstance(x, jax.ShapeDtypeStruct):
             if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -194,10 +226,7 @@ def _materialize(abstract_net: CLSPNet, keep_params: bool = False) -> CLSPNet:
             return jnp.zeros(x.shape, x.dtype)
         return x
 
-    graphdef, params, rest = nnx.split(abstract_net, nnx.Param, ...)
-    if not keep_params:
-        params = jax.tree.map(concrete, params)
-    return nnx.merge(graphdef, params, jax.tree.map(concrete, rest))
+    return nnx.merge(graphdef, params, jax.tree.map(concrete, abstract_rest))
 
 
 def _tokenizer(tokenizer):

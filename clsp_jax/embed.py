@@ -1,0 +1,204 @@
+"""Embed audio files and captions with a CLSP checkpoint; write the embeddings and their similarities.
+
+    python -m clsp_jax.embed --checkpoint clsp_export --audio a.wav b.flac \
+        --text "A male speaker." "A female speaker in a happy tone." --out embeddings
+    python -m clsp_jax.embed --checkpoint out/clsp.safetensors --audio-list files.txt --text-file captions.txt \
+        --out embeddings
+
+`--checkpoint`: a `CLSP.save` folder (`python -m clsp_jax.export --format orbax`), or a `.safetensors` file
+under the authors' PyTorch names with `config.json` and `tokenizer.json` beside it (`--format torch`, or
+the authors' own weights converted to safetensors).
+
+Audio: whatever soundfile (or audioread) decodes, at any sample rate and channel count. Channels are
+averaged to mono (as the training data preparation does), then resampled to 16 kHz (soxr HQ).
+`--audio-list`: one path per line (blank lines and lines starting with `#` skipped), relative paths taken
+from the list's folder. `--text-file`: one caption per line (blank lines skipped).
+
+Writes into OUT (rows in the order of the inputs, failed files left out):
+
+    audio_embeddings.npy   float32 [A, D] unit vectors; audio_files.txt names the rows
+    text_embeddings.npy    float32 [T, D] unit vectors; texts.txt holds the rows
+    similarity.npy         float32 [A, T] audio x text dot products (cosines; times exp(logit_scale) = logits)
+    failed_audio.txt       "path<TAB>reason" per file that could not be embedded (only when some failed)
+
+and prints the similarity table. Unreadable files and files shorter than 80 ms are reported, counted and
+skipped. Exit code 2 for bad arguments, or when audio was given and none of it could be embedded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clsp_jax.evals import sources
+from clsp_jax.inference import CLSP
+
+# The printed table shows at most this many audio rows (all of them are in similarity.npy).
+MAX_TABLE_ROWS = 50
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m clsp_jax.embed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a CLSP.save folder, or a .safetensors file with config.json + tokenizer.json beside it")
+    audio = p.add_mutually_exclusive_group()
+    audio.add_argument("--audio", nargs="+", metavar="FILE", help="audio files")
+    audio.add_argument("--audio-list", metavar="TXT", help="a text file with one audio path per line")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", nargs="+", metavar="CAPTION", help="captions")
+    text.add_argument("--text-file", metavar="TXT", help="a text file with one caption per line")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16, help="clips (and captions) per forward pass")
+    return p
+
+
+def load_model(checkpoint: str) -> CLSP:
+    """A `CLSP.save` folder, or a `.safetensors` file with its config.json (+ tokenizer.json) beside it."""
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ValueError(f"--checkpoint {path} does not exist")
+        config_path = path.parent / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--checkpoint {path} has no config.json beside it")
+        tokenizer = path.parent / "tokenizer.json"
+        return CLSP.from_torch(str(path), json.loads(config_path.read_text()),
+                               tokenizer=str(tokenizer) if tokenizer.is_file() else None)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--checkpoint {path} is neither a saved CLSP folder (no config.json) nor a .safetensors file")
+    return CLSP.load(path)
+
+
+def _lines(path: str, what: str) -> list[str]:
+    if not Path(path).is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def audio_paths(args) -> list[str]:
+    if args.audio:
+        return list(args.audio)
+    if not args.audio_list:
+        return []
+    root = Path(args.audio_list).parent
+    return [p if Path(p).is_absolute() else str(root / p)
+            for p in _lines(args.audio_list, "--audio-list") if not p.startswith("#")]
+
+
+def texts(args) -> list[str]:
+    if args.text_file:
+        return _lines(args.text_file, "--text-file")
+    found = list(args.text or [])
+    if any("\n" in t or "\r" in t for t in found):
+        raise ValueError("--text captions must be single lines (texts.txt holds one per line)")
+    return found
+
+
+def _progress(what: str, done: int, total: int, started: float) -> None:
+    print(f"{what}: {done}/{total} ({time.time() - started:.1f} s)", file=sys.stderr, flush=True)
+
+
+def embed_audio_files(model: CLSP, paths: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """-> (embeddings float32 [len(paths), D] (zeros where failed), embedded bool [len(paths)],
+    failures {path: "reason: detail"}). Files are batched by length (sources.WaveformBatches)."""
+    batches = sources.WaveformBatches([sources.audio_file_clip(p) for p in paths], batch_size)
+    emb = np.zeros((len(paths), model.config["joint_dim"]), np.float32)
+    embedded = np.zeros(len(paths), bool)
+    started, done = time.time(), 0
+    for batch in batches:
+        rows = batch["valid"]
+        if rows.any():
+            emb[batch["index"][rows]] = model.embed_audio(batch["audio"], batch["audio_lens"])[rows]
+            embedded[batch["index"][rows]] = True
+        done += int((batch["index"] >= 0).sum())
+        _progress("audio files", done, len(paths), started)
+    failures = {p: batches.failures[p] for p, ok in zip(paths, embedded) if not ok}
+    return emb, embedded, failures
+
+
+def embed_texts(model: CLSP, captions: list[str], batch_size: int) -> np.ndarray:
+    """-> float32 [len(captions), D]."""
+    out, started = [], time.time()
+    for start in range(0, len(captions), batch_size):
+        out.append(model.embed_text(captions[start:start + batch_size]))
+        _progress("captions", start + len(out[-1]), len(captions), started)
+    return np.concatenate(out)
+
+
+def similarity_table(names: list[str], captions: list[str], sim: np.ndarray) -> str:
+    """Rows = audio files (name, one column per caption, the best caption's column), then a caption legend."""
+    width = max(8, *(len(Path(n).name) for n in names[:MAX_TABLE_ROWS]))
+    cols = [f"t{j}" for j in range(len(captions))]
+    lines = [f"{'audio':<{width}} " + " ".join(f"{c:>7}" for c in cols) + "   best"]
+    for name, row in list(zip(names, sim))[:MAX_TABLE_ROWS]:
+        lines.append(f"{Path(name).name:<{width}} " + " ".join(f"{v:7.3f}" for v in row)
+                     + f"   {cols[int(np.argmax(row))]}")
+    if len(names) > MAX_TABLE_ROWS:
+        lines.append(f"... {len(names) - MAX_TABLE_ROWS} more rows in similarity.npy")
+    lines += [""] + [f"{c}: {t}" for c, t in zip(cols, captions)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (see the module doc); returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        paths, captions = audio_paths(args), texts(args)
+        if not paths and not captions:
+            raise ValueError("nothing to embed: give --audio / --audio-list and/or --text / --text-file")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file")
+        model = load_model(args.checkpoint)
+        if captions and model.tokenizer is None:
+            raise ValueError(f"--checkpoint {args.checkpoint} has no tokenizer.json: cannot embed text")
+        if paths:
+            audio_emb, embedded, failures = embed_audio_files(model, paths, args.batch_size)
+            if not embedded.any():
+                raise ValueError(f"none of the {len(paths)} audio files could be embedded; first failure: "
+                                 f"{next(iter(failures.items()))}")
+    except (ValueError, OSError) as e:
+        print(f"clsp_jax.embed: error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if paths:
+        kept = [p for p, ok in zip(paths, embedded) if ok]
+        np.save(out / "audio_embeddings.npy", audio_emb[embedded])
+        (out / "audio_files.txt").write_text("".join(p + "\n" for p in kept), encoding="utf-8")
+        if failures:
+            (out / "failed_audio.txt").write_text("".join(f"{p}\t{r}\n" for p, r in failures.items()),
+                                                  encoding="utf-8")
+            reasons = collections.Counter(r.split(":")[0] for r in failures.values())
+            print(f"skipped {len(failures)} of {len(paths)} audio files ("
+                  + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) + f"); see {out / 'failed_audio.txt'}",
+                  file=sys.stderr)
+    if captions:
+        text_emb = embed_texts(model, captions, args.batch_size)
+        np.save(out / "text_embeddings.npy", text_emb)
+        (out / "texts.txt").write_text("".join(t + "\n" for t in captions), encoding="utf-8")
+    if kept and captions:
+        sim = audio_emb[embedded] @ text_emb.T
+        np.save(out / "similarity.npy", sim)
+        print(similarity_table(kept, captions, sim), end="")
+    counts = ([f"{len(kept)} audio file(s)"] if paths else []) + ([f"{len(captions)} caption(s)"] if captions else [])
+    print(f"embedded {' and '.join(counts)} into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Export a training run's weights for inference: an Orbax `CLSP.save` folder, or the authors' PyTorch names.
+
+    python -m clsp_jax.export --workdir RUN --out clsp_export --format orbax
+    python -m clsp_jax.export --workdir RUN --out out/clsp.safetensors --format torch [--step N]
+        [--average-last N] [--ema]
+
+- `orbax`: OUT is a folder that `CLSP.load(OUT)` reads (params/, config.json, tokenizer.json).
+- `torch`: OUT is a `.safetensors` file under the icefall CLSP state-dict names and layouts (those of
+  `CLSP.torch_state_dict()`), which the authors' PyTorch network loads with `load_state_dict(strict=True)`;
+  `config.json` (`{"speech", "text", "joint_dim"}`, the reference fixtures' format) and the run's
+  `tokenizer.json` are written beside it, so `CLSP.from_torch(OUT, config, tokenizer=folder)` loads it too.
+
+`--step` picks the checkpoint (default the latest); `--average-last N` takes the float32 mean of the N
+saved checkpoints ending at that step (the authors evaluate such averages); `--ema` takes the EMA weights
+saved with each checkpoint (train with optim.ema_decay set). Bad arguments, a work dir without
+checkpoints, a missing step or an unusable OUT: a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import jax
+import numpy as np
+from absl import logging as absl_logging
+
+from clsp_jax.inference import CLSP
+from clsp_jax.train import checkpoint
+
+FORMATS = ("orbax", "torch")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m clsp_jax.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the training run's folder (config.json, checkpoints/)")
+    p.add_argument("--out", required=True, help="orbax: a folder; torch: a .safetensors file")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--average-last", type=int, default=1, metavar="N",
+                   help="average the N saved checkpoints ending at --step (default 1: no averaging)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    return p
+
+
+def select_steps(saved: list[int], step: int | None, average_last: int) -> list[int]:
+    """The `average_last` saved steps ending at `step` (default the latest), ascending."""
+    if not saved:
+        raise ValueError("no checkpoints saved yet")
+    saved = sorted(saved)
+    end = saved[-1] if step is None else step
+    if end not in saved:
+        raise ValueError(f"no checkpoint at step {end}; saved steps: {saved}")
+    if average_last < 1:
+        raise ValueError(f"--average-last must be >= 1, got {average_last}")
+    pool = [s for s in saved if s <= end]
+    if average_last > len(pool):
+        raise ValueError(f"--average-last {average_last}: only {len(pool)} checkpoint(s) up to step {end} "
+                         f"({pool})")
+    return pool[-average_last:]
+
+
+def average_params(workdir: str, steps: list[int], use_ema: bool = False):
+    """-> (float32 mean of the params of `steps` as a nested dict of numpy arrays, the run's config)."""
+    total, config = None, None
+    for step in steps:
+        params, config, _ = checkpoint.restore_params(workdir, step, use_ema=use_ema)
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+        total = params if total is None else jax.tree.map(np.add, total, params)
+    return jax.tree.map(lambda x: x / np.float32(len(steps)), total), config
+
+
+def _check_workdir(workdir: str) -> None:
+    if not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} does not exist")
+    config = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"--workdir {workdir} has no config.json (not a training run's folder)")
+    with open(config) as f:
+        if not isinstance(json.load(f).get("model"), dict):
+            raise ValueError(f"{config} has no 'model' section")
+
+
+def _check_out(out: str, fmt: str, workdir: str) -> None:
+    out, workdir = os.path.abspath(out), os.path.abspath(workdir)
+    inside = lambda path, folder: os.path.commonpath([path, folder]) == folder
+    if inside(out, checkpoint.checkpoint_dir(workdir)):
+        raise ValueError(f"--out {out} is inside the run's checkpoints folder")
+    if fmt == "orbax":
+        if out == workdir:
+            raise ValueError("--out must not be the work dir itself (its config.json would be replaced)")
+        if os.path.isfile(out):
+            raise ValueError(f"--out {out} is a file; the orbax format writes a folder")
+        if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
+            raise ValueError(f"--out {out} is a non-empty folder that is not a CLSP export")
+    else:
+        if not out.endswith(".safetensors"):
+            raise ValueError(f"--out {out}: the torch format writes a .safetensors file")
+        if os.path.isdir(out):
+            raise ValueError(f"--out {out} is a folder; the torch format writes a .safetensors file")
+        if os.path.dirname(out) == workdir:
+            raise ValueError("--out must not sit in the work dir itself (config.json beside it would replace "
+                             "the run's)")
+
+
+def write_torch(model: CLSP, out: str) -> None:
+    """`out` (.safetensors, icefall names) + config.json and tokenizer.json (if any) beside it."""
+    from safetensors.numpy import save_file
+
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    # "format": "pt" is the metadata Hugging Face writes for PyTorch weights.
+    save_file(model.torch_state_dict(), out, metadata={"format": "pt"})
+    config = {k: model.config[k] for k in ("speech", "text", "joint_dim")}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if model.tokenizer is not None:
+        shutil.copyfile(model.tokenizer.path, os.path.join(folder, "tokenizer.json"))
+
+
+def export(workdir: str, out: str, fmt: str, step: int | None = None, average_last: int = 1,
+           use_ema: bool = False) -> list[int]:
+    """Writes the export (see the module doc); returns the steps whose weights it holds."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: choose from {FORMATS}")
+    _check_workdir(workdir)
+    tokenizer = os.path.join(workdir, "tokenizer.json")
+    if fmt == "orbax" and not os.path.isfile(tokenizer):
+        raise ValueError(f"--workdir {workdir} has no tokenizer.json (the orbax export carries it)")
+    _check_out(out, fmt, workdir)
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    try:
+        saved = list(manager.all_steps())
+    finally:
+        manager.close()
+    if not saved:
+        raise ValueError(f"--workdir {workdir} has no checkpoints under {checkpoint.checkpoint_dir(workdir)}")
+    steps = select_steps(saved, step, average_last)
+    params, config = average_params(workdir, steps, use_ema)
+    model = CLSP.from_params(params, config["model"], tokenizer if os.path.isfile(tokenizer) else None)
+    if fmt == "orbax":
+        model.save(out)
+    else:
+        write_torch(model, out)
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (see the module doc); returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+        steps = export(args.workdir, args.out, args.format, args.step, args.average_last, args.ema)
+    except (ValueError, OSError) as e:
+        print(f"clsp_jax.export: error: {e}", file=sys.stderr)
+        return 2
+    which = f"step {steps[0]}" if len(steps) == 1 else f"the average of steps {', '.join(map(str, steps))}"
+    print(f"exported {which} ({'EMA weights' if args.ema else 'weights'}) of {os.path.abspath(args.workdir)} "
+          f"to {os.path.abspath(args.out)} ({args.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    # Orbax's notes on read-only managers and on reading shardings from file say nothing to the user here.
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    warnings.filterwarnings("ignore", message="Sharding info not provided")
+    sys.exit(main())
