@@ -21,7 +21,10 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
     config.data.name = "fcaps"
     config.data.tokenizer = config_dict.placeholder(str)  # tokenizer.json of the text tower
 
-    config.optim = ml_collections.ConfigDict(default_optim_config())
+    optim = default_optim_config()
+    # Tuples, so they can be overridden from the command line (ml_collections cannot parse lists).
+    optim.update(frozen=tuple(optim["frozen"]), no_decay=tuple(optim["no_decay"]))
+    config.optim = ml_collections.ConfigDict(optim)
     config.optim.total_steps = config_dict.placeholder(int)
     config.optim.steps_per_epoch = config_dict.placeholder(int)
     config.optim.ema_decay = config_dict.placeholder(float)

