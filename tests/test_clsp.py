@@ -149,3 +149,25 @@ def test_base_config_builds_abstractly_with_724m_parameters():
     print(f"CLSP base: {total / 1e6:.1f}M parameters (speech {speech / 1e6:.1f}M, text {text / 1e6:.1f}M)")
     assert 715e6 < total < 735e6
     assert 120e6 < text < 130e6
+
+
+def test_tower_checkpoints_load_alone():
+    """A SPEAR checkpoint fills the speech tower, a Hugging Face RoBERTa state dict (under `roberta.`) the text
+    tower; the fixture's outputs come back through each."""
+    from clsp_jax import weights
+
+    data, config, state = _fixture("clsp_spear_tiny")
+    model = CLSP.from_torch(state, config)
+    spear = {k: v for k, v in state.items() if k.startswith(("encoder_embed.", "encoder."))}
+    hf = {"roberta." + k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
+    fresh = CLSP.from_config(config, seed=3)
+    weights.load_speech_tower(fresh.net, spear)
+    weights.load_text_tower(fresh.net, hf)
+    frames, _ = fresh.encode_features(data["inputs/features"], data["inputs/feature_lens"])
+    ref, _ = model.encode_features(data["inputs/features"], data["inputs/feature_lens"])
+    np.testing.assert_allclose(np.asarray(frames), np.asarray(ref), atol=1e-6)
+    pooled = fresh.net.text_encoder(data["inputs/input_ids"], data["inputs/attention_mask"])
+    np.testing.assert_allclose(np.asarray(pooled), np.asarray(model.net.text_encoder(
+        data["inputs/input_ids"], data["inputs/attention_mask"])), atol=1e-6)
+    with pytest.raises(ValueError, match="unexpected"):
+        weights.load_speech_tower(fresh.net, {**spear, "encoder.extra.weight": np.zeros(2, np.float32)})
