@@ -123,8 +123,10 @@ def test_similarity_on_audio_pairs(run, checkpoint, tmp_path):
     audio = embed_in_eights(model, [sf.read(tmp_path / f"a{i}.wav", dtype="float32")[0] for i in range(4)])
     expected = M.similarity_correlations(np.array([audio[a] @ audio[b] for a, b, _ in pairs]),
                                          np.array([s for *_, s in pairs]))
+    # The cosines of these similar tones are all close to 1, so float32 rounding of the two embedding paths
+    # moves Pearson's r by ~2e-5: compare to 1e-4.
     assert results["metrics"] == pytest.approx({**{f"all/{k}": v for k, v in expected.items()},
-                                                "all/num_pairs": 5, "num_pairs_skipped": 0}, abs=1e-5)
+                                                "all/num_pairs": 5, "num_pairs_skipped": 0}, abs=1e-4)
 
 
 @pytest.mark.parametrize("argv,message", [
