@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clsp_jax.models.remat import check_remat
 from clsp_jax.models.text import TextEncoder
 from clsp_jax.models.zipformer import SpeechEncoder
 
@@ -23,9 +24,12 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def model_config(config: Mapping) -> dict:
-    """Normalises `{"speech": {...}, "text": {...}, "joint_dim"?: int}` (the fixture format).
+    """Normalises `{"speech": {...}, "text": {...}, "joint_dim"?: int, "head_dropout"?: float, "remat"?: str}`
+    (the fixture format).
 
     `joint_dim` may sit at the top level or inside `speech` (as in the reference fixtures); default 512.
+    `remat` ("none" | "layer" | "layer_save_dots", see `clsp_jax.models.remat`) applies to every layer of
+    both towers; default "none".
     """
     config = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(config).items()}
     for key in ("speech", "text"):
@@ -36,6 +40,7 @@ def model_config(config: Mapping) -> dict:
         raise ValueError(f"joint_dim must be a positive int, got {joint!r}")
     config["joint_dim"] = joint
     config.setdefault("head_dropout", 0.1)
+    check_remat(config.setdefault("remat", "none"))
     return config
 
 
@@ -86,10 +91,10 @@ class CLSPNet(nnx.Module):
         config = model_config(config)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         joint, p = config["joint_dim"], config["head_dropout"]
-        self.speech = SpeechEncoder(config["speech"], **kw)
+        self.speech = SpeechEncoder(config["speech"], **kw, remat=config["remat"])
         self.audio_projection = projection(self.speech.output_dim, joint, **kw)
         self.audio_transform = Transform(joint, p, **kw)
-        self.text_encoder = TextEncoder(config["text"], **kw)
+        self.text_encoder = TextEncoder(config["text"], **kw, remat=config["remat"])
         self.text_projection = projection(self.text_encoder.output_dim, joint, **kw)
         self.text_transform = Transform(joint, p, **kw)
         self.logit_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), param_dtype))

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clsp_jax.models.remat import check_remat, remat_layer_call
+
 # Defaults of Hugging Face's RobertaConfig / BertConfig, for keys a config dict leaves out.
 _DEFAULTS = {
     "hidden_act": "gelu",
@@ -160,13 +162,15 @@ class Layer(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg, *, rngs, dtype, param_dtype, remat="none"):
         self.layer = nnx.List([Layer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                for _ in range(cfg["num_hidden_layers"])])
+        self.remat = check_remat(remat)
 
     def __call__(self, x, mask, deterministic, rngs):
+        call = remat_layer_call(lambda layer, x, mask, rngs: layer(x, mask, deterministic, rngs), self.remat)
         for layer in self.layer:
-            x = layer(x, mask, deterministic, rngs)
+            x = call(layer, x, mask, rngs)
         return x
 
 
@@ -180,13 +184,17 @@ class Pooler(nnx.Module):
 
 
 class TextEncoder(nnx.Module):
-    """RoBERTa/BERT encoder; `__call__` returns the pooler output tanh(W h[CLS] + b) [B, hidden_size]."""
+    """RoBERTa/BERT encoder; `__call__` returns the pooler output tanh(W h[CLS] + b) [B, hidden_size].
 
-    def __init__(self, cfg: Mapping, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    `remat`: rematerialisation of each layer in the backward pass (`clsp_jax.models.remat`).
+    """
+
+    def __init__(self, cfg: Mapping, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none"):
         cfg = text_config(cfg)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embeddings = Embeddings(cfg, **kw)
-        self.encoder = Encoder(cfg, **kw)
+        self.encoder = Encoder(cfg, **kw, remat=remat)
         self.pooler = Pooler(cfg, **kw)
         self.output_dim = cfg["hidden_size"]
 

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clsp_jax.models.remat import check_remat, remat_layer_call
+
 # Per-stack settings: one value per stack, or one value shared by every stack.
 _PER_STACK = (
     "num_encoder_layers",
@@ -239,6 +241,51 @@ def length_mask(lengths: jax.Array, max_len: int) -> jax.Array:
     return jnp.arange(max_len)[None, :] < lengths[:, None]
 
 
+def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
+                                   dimension_numbers, feature_group_count, precision=None, out_sharding=None):
+    """Depthwise convolution as a sum of shifted products: the `lax.conv_general_dilated` that `nnx.Conv`
+    calls, for its depthwise case only (channels last, stride 1, no dilation, explicit padding).
+
+    lhs [B, *S, C], rhs [*K, 1, C], padding ((lo, hi),) per spatial dim -> [B, *S', C] in lhs's dtype,
+    accumulated in float32. Why not the grouped `lax.conv_general_dilated`: XLA's SPMD partitioner
+    (jax 0.10) returns its kernel gradient multiplied by the replication factor when the batch is sharded
+    over only some mesh axes (e.g. batch over data x fsdp of a (2, 2, 2) mesh: 2x), and XLA:CPU runs it
+    3-6x slower than these taps.
+    """
+    del precision, dimension_numbers  # nnx.Conv always passes channels-last dimension numbers
+    n = lhs.ndim - 2
+    c = lhs.shape[-1]
+    if (feature_group_count != c or tuple(rhs.shape[n:]) != (1, c) or isinstance(padding, str)
+            or any(v != 1 for v in (*window_strides, *lhs_dilation, *rhs_dilation)) or out_sharding is not None):
+        raise ValueError(f"depthwise_conv_general_dilated handles stride-1 depthwise convs with explicit padding "
+                         f"only: lhs {lhs.shape}, rhs {rhs.shape}, groups {feature_group_count}, padding {padding}, "
+                         f"strides {window_strides}")
+    x = jnp.pad(lhs.astype(jnp.float32), [(0, 0), *padding, (0, 0)])
+    w = rhs.astype(jnp.float32)
+    out_size = [x.shape[1 + i] - rhs.shape[i] + 1 for i in range(n)]
+    out = None
+    for tap in np.ndindex(*rhs.shape[:n]):
+        term = x[(slice(None), *(slice(t, t + o) for t, o in zip(tap, out_size)))] * w[tap][0]
+        out = term if out is None else out + term
+    return out.astype(lhs.dtype)
+
+
+def pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
+                                   dimension_numbers, feature_group_count, precision=None, out_sharding=None):
+    """A 1x1 convolution as the matmul it is: lhs [B, *S, Cin] x rhs [1, .., 1, Cin, Cout] -> [B, *S, Cout].
+
+    The `lax.conv_general_dilated` that `nnx.Conv` calls, for 1x1 kernels with stride 1 only. XLA:CPU runs
+    the convolution form 3x slower forward and ~12x slower backward than this einsum.
+    """
+    del dimension_numbers, out_sharding
+    n = lhs.ndim - 2
+    no_padding = padding in ("VALID", "SAME") if isinstance(padding, str) else all(tuple(p) == (0, 0) for p in padding)
+    if (feature_group_count != 1 or tuple(rhs.shape[:n]) != (1,) * n or not no_padding
+            or any(v != 1 for v in (*window_strides, *lhs_dilation, *rhs_dilation))):
+        raise ValueError(f"pointwise_conv_general_dilated handles stride-1 1x1 convs only: rhs {rhs.shape}")
+    return jnp.einsum("...c,cd->...d", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
+
+
 def _full_dim_output(outputs: Sequence[jax.Array], dims: Sequence[int]) -> jax.Array:
     """Channels 0..max(dims): each channel range taken from the latest stack that has it."""
     pieces, cur = [outputs[-1]], dims[-1]
@@ -330,9 +377,11 @@ class ConvNeXt(nnx.Module):
     def __init__(self, channels: int, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, hidden_ratio=3):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         hidden = channels * hidden_ratio
-        self.depthwise_conv = _conv(channels, channels, (7, 7), groups=channels, padding=((3, 3), (3, 3)), **kw)
-        self.pointwise_conv1 = _conv(channels, hidden, (1, 1), **kw)
-        self.pointwise_conv2 = _conv(hidden, channels, (1, 1), scale=0.01, **kw)
+        self.depthwise_conv = _conv(channels, channels, (7, 7), groups=channels, padding=((3, 3), (3, 3)),
+                                    conv_general_dilated=depthwise_conv_general_dilated, **kw)
+        self.pointwise_conv1 = _conv(channels, hidden, (1, 1), conv_general_dilated=pointwise_conv_general_dilated, **kw)
+        self.pointwise_conv2 = _conv(hidden, channels, (1, 1), scale=0.01,
+                                     conv_general_dilated=pointwise_conv_general_dilated, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.pointwise_conv2(swoosh_l(self.pointwise_conv1(self.depthwise_conv(x))))
@@ -499,7 +548,8 @@ class ConvolutionModule(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = _linear(channels, 2 * channels, **kw)
         pad = kernel_size // 2
-        self.depthwise_conv = _conv(channels, channels, (kernel_size,), groups=channels, padding=((pad, pad),), **kw)
+        self.depthwise_conv = _conv(channels, channels, (kernel_size,), groups=channels, padding=((pad, pad),),
+                                    conv_general_dilated=depthwise_conv_general_dilated, **kw)
         self.out_proj = _linear(channels, channels, scale=0.05, **kw)
 
     def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -570,7 +620,9 @@ class Zipformer2EncoderLayer(nnx.Module):
 class Zipformer2Encoder(nnx.Module):
     """A stack of Zipformer2EncoderLayers at one frame rate, sharing one positional embedding."""
 
-    def __init__(self, num_layers: int, pos_dim: int, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, **layer):
+    def __init__(self, num_layers: int, pos_dim: int, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none", **layer):
+        self.remat = check_remat(remat)
         self.encoder_pos = CompactRelPositionalEncoding(pos_dim, dtype=dtype)
         self.layers = nnx.List(
             [
@@ -584,8 +636,9 @@ class Zipformer2Encoder(nnx.Module):
         pos_emb = self.encoder_pos(x.shape[1], rngs=rngs)
         if feature_mask is not None:
             x = x * feature_mask
+        call = remat_layer_call(lambda layer, x, pos_emb, valid, rngs: layer(x, pos_emb, valid, rngs=rngs), self.remat)
         for layer in self.layers:
-            x = layer(x, pos_emb, valid, rngs=rngs)
+            x = call(layer, x, pos_emb, valid, rngs)
             if feature_mask is not None:
                 x = x * feature_mask
         return x
@@ -631,7 +684,8 @@ class DownsampledZipformer2Encoder(nnx.Module):
 class Zipformer2(nnx.Module):
     """Stacks at per-stack frame rates; output = channel-wise merge of stack outputs, downsampled by 2."""
 
-    def __init__(self, config: ZipformerConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, config: ZipformerConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none"):
         self.config = config
         stacks = []
         for i in range(config.num_stacks):
@@ -649,6 +703,7 @@ class Zipformer2(nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
                 param_dtype=param_dtype,
+                remat=remat,
             )
             if config.downsampling_factor[i] != 1:
                 stack = DownsampledZipformer2Encoder(
@@ -723,9 +778,11 @@ class SpeechEncoder(nnx.Module):
         default 0.1). One-element lists apply to every stack; other keys are ignored.
       rngs: parameter initialisation only (training randomness is passed to `__call__`).
       dtype: compute dtype; param_dtype: parameter dtype.
+      remat: rematerialisation of each Zipformer2 layer in the backward pass (`clsp_jax.models.remat`).
     """
 
-    def __init__(self, cfg: Mapping, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: Mapping, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none"):
         self.config = ZipformerConfig.from_mapping(cfg)
         self.encoder_embed = Conv2dSubsampling(
             self.config.feature_dim,
@@ -735,7 +792,7 @@ class SpeechEncoder(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        self.encoder = Zipformer2(self.config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.encoder = Zipformer2(self.config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
     @property
     def output_dim(self) -> int:

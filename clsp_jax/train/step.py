@@ -14,7 +14,10 @@ Batch (global arrays, clips on the leading axis, sharded over (data, fsdp)):
     caption_mask [B, C] bool (optional), negative_valid [B] bool (stage 3).
 
 No gradient accumulation: contrastive losses need every negative of the global batch in one step, and
-accumulating micro-batches would shrink the negatives (GradCache would be needed); scale the mesh instead.
+accumulating micro-batches would shrink the negatives (GradCache would be needed); scale the mesh instead,
+and trade FLOPs for activation memory with the model's per-layer remat (`model.remat`, see
+`clsp_jax.models.remat`). `clsp_jax.sharding.init_sharded_state` builds the state in its shardings and
+`clsp_jax.sharding.jit_train_step` jits the step over a mesh with the state donated.
 """
 
 from __future__ import annotations
@@ -62,7 +65,11 @@ def captions_per_clip(objective: str) -> int:
 
 def init_state(net: CLSPNet, tx: optax.GradientTransformation, ema: bool = False) -> dict:
     """The train state of `net`; params are a plain nested dict (what Orbax saves and nnx.merge takes)."""
-    params = nnx.to_pure_dict(nnx.state(net, nnx.Param))
+    return state_from_params(nnx.to_pure_dict(nnx.state(net, nnx.Param)), tx, ema)
+
+
+def state_from_params(params, tx: optax.GradientTransformation, ema: bool = False) -> dict:
+    """The train state at step 0 around `params` (a nested dict of arrays): fresh optimizer state and EMA."""
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -93,7 +100,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
     Args:
       graphdef, rest: from `nnx.split(net, nnx.Param, ...)`; `rest` holds the non-param state (rng streams).
       tx, schedule: from `clsp_jax.optim.make_optimizer`.
-      cfg: train config keys: objective, seed, ema_decay, hard_negative_weight, hard_negative_positives.
+      cfg: train config keys: objective, seed, ema_decay, hard_negative_weight, hard_negative_positives,
+        frozen (the optimizer's frozen-parameter regexes: their backward pass is skipped).
       mesh: when given, the loss runs in shard_map over its batch axes (all-gathered features).
     """
     objective = cfg.get("objective", "clip")
@@ -102,8 +110,10 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
     seed = int(cfg.get("seed", 0))
     ema_decay = cfg.get("ema_decay")
 
+    frozen = list(cfg.get("frozen", ()))
+
     def compute_loss(params, batch, step):
-        net = nnx.merge(graphdef, params, rest)
+        net = nnx.merge(graphdef, optim.stop_frozen_gradients(frozen, params), rest)
         rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(seed), step))
         audio_emb, text_emb = embed_batch(net, batch, rngs)
         scale = net.scale()

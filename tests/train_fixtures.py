@@ -1,0 +1,57 @@
+"""A small CLSP and a fixed batch for train-step tests (sharded equality, overfitting)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "clsp_spear_tiny.npz")
+
+
+def small_model_config(dropout: bool = True) -> dict:
+    """The reference fixture's widths (64-wide Zipformer2, 64-wide 2-layer RoBERTa, joint 32) with 2 stacks
+    (downsampling 1, 2) of one layer each and one text layer, so XLA:CPU compiles a train step in ~30 s;
+    text initializer_range 0.02 (the fixture's 0.5 saturates the pooler and collapses text embeddings).
+
+    dropout=False zeroes the configurable dropouts (speech, text, heads); the Zipformer's positional-
+    embedding dropout and per-sequence feature masks stay (they have no config key).
+    """
+    cfg = json.loads(str(np.load(FIXTURE)["config"]))
+    cfg["speech"].update(downsampling_factor=[1, 2], num_encoder_layers=[1, 1], encoder_dim=[64],
+                         encoder_unmasked_dim=[48], num_heads=[4], feedforward_dim=[128], cnn_module_kernel=[15])
+    cfg["text"].update(num_hidden_layers=1, initializer_range=0.02)
+    if not dropout:
+        cfg["speech"]["dropout"] = 0.0
+        cfg["text"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        cfg["head_dropout"] = 0.0
+    return cfg
+
+
+def tone_batch(batch_size: int, captions: int, *, seconds: float = 0.5, text_len: int = 12, bos: bool = True,
+               padded: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch in the train step's layout: clip i is the tone 0.3 sin(2pi (200 + 150 i) t)(1 + sin(2pi (i+1) t))
+    at 16 kHz, random token ids [B, C, L] (in [3, 1000)).
+
+    bos: token 0 (RoBERTa's <s>) first in every caption. At a random init the pooler sees position 0 alone,
+      so a shared first token gives every caption nearly the same embedding (cosine ~0.99998).
+    padded: clips 1, 2 (mod 3) shorter than the padded length (zeros past their end) and caption row 1
+      padded after 9 tokens (pad id 1, mask 0).
+    """
+    rng = np.random.default_rng(seed)
+    n = int(16000 * seconds)
+    t = np.arange(n) / 16000
+    audio = np.stack([0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) * (1 + np.sin(2 * np.pi * (i + 1) * t))
+                      for i in range(batch_size)]).astype(np.float32)
+    lens = np.full(batch_size, n, np.int32)
+    ids = rng.integers(3, 1000, (batch_size, captions, text_len)).astype(np.int32)
+    mask = np.ones_like(ids)
+    if bos:
+        ids[..., 0] = 0
+    if padded:
+        lens -= 800 * (np.arange(batch_size) % 3).astype(np.int32)
+        audio[np.arange(n)[None, :] >= lens[:, None]] = 0.0
+        mask[1, :, 9:] = 0
+        ids[1, :, 9:] = 1
+    return dict(audio=audio, audio_lens=lens, input_ids=ids, attention_mask=mask)
