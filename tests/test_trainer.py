@@ -72,6 +72,19 @@ def _params(workdir):
     return step, jax.tree.leaves(params)
 
 
+def _signal_once_logged(workdir, data_dir, extra, step, sig):
+    """Starts a run and sends it `sig` as soon as `step` appears in its metrics.jsonl."""
+    proc = subprocess.Popen(_command(workdir, data_dir, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(workdir / "metrics.jsonl") and step in _losses(workdir):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--config.train.no_such_key=1"], "no_such_key"),
     (["--config.train.num_steps=many"], "num_steps"),
@@ -108,14 +121,7 @@ def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data
 
     # kill -9 once step 4 is logged (a checkpoint exists at 3), then resume with the same command.
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command(killed, data_dir, *steps), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(killed / "metrics.jsonl") and 4 in _losses(killed):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.2)
+    proc = _signal_once_logged(killed, data_dir, steps, 4, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     result = _run(killed, data_dir, *steps)
@@ -131,14 +137,7 @@ def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data
 
     # SIGTERM: a checkpoint at the current step, exit 0; the restart continues to the end.
     termed = tmp_path / "termed"
-    proc = subprocess.Popen(_command(termed, data_dir, *steps), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(termed / "metrics.jsonl") and 2 in _losses(termed):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.2)
+    proc = _signal_once_logged(termed, data_dir, steps, 2, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     from clsp_jax.train.checkpoint import make_manager
