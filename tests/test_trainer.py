@@ -73,9 +73,11 @@ def _params(workdir):
 
 
 def _signal_once_logged(workdir, data_dir, extra, step, sig):
-    """Starts a run and sends it `sig` as soon as `step` appears in its metrics.jsonl."""
-    proc = subprocess.Popen(_command(workdir, data_dir, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    """Starts a run and sends it `sig` as soon as `step` appears in its metrics.jsonl.
+
+    Its stderr goes to `<workdir>.stderr` (a pipe could fill up and stall the run)."""
+    log = open(f"{workdir}.stderr", "w")
+    proc = subprocess.Popen(_command(workdir, data_dir, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(workdir / "metrics.jsonl") and step in _losses(workdir):
@@ -138,8 +140,8 @@ def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data
     # SIGTERM: a checkpoint at the current step, exit 0; the restart continues to the end.
     termed = tmp_path / "termed"
     proc = _signal_once_logged(termed, data_dir, steps, 2, signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, open(f"{termed}.stderr").read()[-3000:]
     from clsp_jax.train.checkpoint import make_manager
 
     saved = make_manager(str(termed), read_only=True).all_steps()
