@@ -130,7 +130,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
         (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"], batch, step)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optim.clamp_logit_scale(optax.apply_updates(state["params"], updates))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite loss or gradient skips the update (the trainer counts the streak and stops on too many).
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
