@@ -14,7 +14,8 @@ from clsp_jax.optim import default_optim_config
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(model)
+    # remat: "none" | "layer" | "layer_save_dots" (per-layer rematerialisation, clsp_jax.models.remat)
+    config.model = ml_collections.ConfigDict({"remat": "none", **model})
 
     config.data = default_data_config()
     config.data.data_dir = config_dict.placeholder(str)  # prepared TFDS dir (python -m data_prep.prepare)
