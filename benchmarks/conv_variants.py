@@ -4,15 +4,16 @@ forward+backward, at the shapes the tower sees. Evidence for making the speech f
     python -m benchmarks.conv_variants --config configs/tiny.py [--batch-clips 4 --clip-seconds 5 --iters 3]
         [--json OUT]
 
-Variants (each checked against the model's own layer: outputs and gradients must agree to 1e-4 relative):
-  3x3 convs (conv0/4/7)  "lax" = nnx.Conv (XLA convolution) | "im2col" = the 9 shifted windows concatenated
-                          on channels, one matmul
-  7x7 depthwise          "taps" = the model's sum of 49 shifted products (autodiff backward) |
+Variants (each checked against the first one of its layer: outputs and gradients agree to 1e-4 relative):
+  3x3 convs (conv0/4/7)  "lax" = XLA convolution (what nnx.Conv runs) | "im2col" = the 9 shifted windows
+                          concatenated on channels, one matmul
+  7x7 depthwise          "taps" = the model's sum of 49 shifted products, autodiff backward |
                           "taps_vjp" = same forward, hand-written backward (input gradient = taps of the
                           cotangent with the flipped kernel; kernel gradient = the 49 tap reductions done
                           together on 2 frames at a time in a scan, in cache) |
                           "lax" = grouped XLA convolution
-  1x1 convs (pointwise)  "lax" = nnx.Conv | "dot" = einsum over the channel axis
+  1x1 convs (pointwise)  "lax" = XLA convolution | "dot" = einsum over the channel axis (what the model
+                          now runs, `pointwise_conv_general_dilated`)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from flax import nnx
 
 from benchmarks import common
 from clsp_jax.features import num_frames
-from clsp_jax.models.zipformer import Conv2dSubsampling, ZipformerConfig
+from clsp_jax.models.zipformer import Conv2dSubsampling, ZipformerConfig, depthwise_conv_general_dilated
 
 
 # ----------------------------------------------------------------------------------- formulations
@@ -55,16 +56,10 @@ def conv_im2col(x, w, b, strides, padding):
 
 
 def _taps(x, w, pad):
-    """Depthwise correlation as a sum of shifted products: x [B, T, F, C], w [kt, kf, C], 'same' padding."""
-    kt, kf, _ = w.shape
-    xp = jnp.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
-    t, f = x.shape[1], x.shape[2]
-    out = None
-    for i in range(kt):
-        for j in range(kf):
-            term = xp[:, i: i + t, j: j + f] * w[i, j]
-            out = term if out is None else out + term
-    return out
+    """The model's depthwise 'same' correlation (sum of shifted products): x [B, T, F, C], w [kt, kf, C]."""
+    return depthwise_conv_general_dilated(x, w[:, :, None, :], (1, 1), ((pad, pad), (pad, pad)), lhs_dilation=(1, 1),
+                                          rhs_dilation=(1, 1), dimension_numbers=None,
+                                          feature_group_count=x.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,7 +1,7 @@
 """Input-pipeline throughput (the real Grain train pipeline) against what the train step consumes.
 
     python -m benchmarks.pipeline --config configs/tiny.py [--data-dir DIR] [--workers 0 2]
-        [--batches 30] [--step-seconds S | --step-json train_step.json] [--json OUT] [--config.key=value ...]
+        [--batches 200] [--step-seconds S | --step-json train_step.json] [--json OUT] [--config.key=value ...]
 
 For each worker count: the time to the first batch (worker start-up included), then batches/s, clips/s and
 audio seconds/s (real and padded) over `--batches` batches, with nothing consuming them. Without
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--data-dir", help="prepared TFDS data dir (default: synthesise one)")
     p.add_argument("--corpus-clips", type=int, default=300, help="clips of the synthesised corpus")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--batches", type=int, default=30, help="timed batches per worker count")
+    p.add_argument("--batches", type=int, default=200, help="timed batches per worker count")
     p.add_argument("--step-seconds", type=float, help="train step seconds on these batches")
     p.add_argument("--step-json", help="benchmarks.train_step --json output")
     p.add_argument("--json")
