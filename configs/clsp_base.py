@@ -21,6 +21,7 @@ SPEAR_XLARGE = dict(
     pos_dim=48,
     output_downsampling_factor=2,
     dropout=0.1,
+    subsampling_channels=(8, 32, 128),  # Conv2dSubsampling's conv widths (icefall's defaults)
 )
 
 # Hugging Face `roberta-base` (RobertaConfig names).

@@ -200,6 +200,8 @@ def test_rel_to_abs_indexes_key_minus_query_offsets():
         (dict(downsampling_factor=[1, 0]), "downsampling_factor"),
         (dict(dropout=1.0), "dropout"),
         (dict(num_encoder_layers=["x"]), "num_encoder_layers"),
+        (dict(subsampling_channels=[8, 32]), "subsampling_channels"),
+        (dict(subsampling_channels=[8, 0, 32]), "subsampling_channels"),
     ],
 )
 def test_config_errors(change, message):
@@ -214,6 +216,16 @@ def test_config_missing_key_and_shared_values():
         ZipformerConfig.from_mapping(cfg)
     parsed = ZipformerConfig.from_mapping(dict(MINI, joint_dim=512, downsampling_factor="1,2"))
     assert parsed.num_heads == (2, 2) and parsed.downsampling_factor == (1, 2) and parsed.dropout == 0.1
+    assert parsed.subsampling_channels == (8, 32, 128)  # icefall's Conv2dSubsampling widths
+
+
+def test_subsampling_channels_set_the_front_end_widths():
+    model = SpeechEncoder(dict(MINI, subsampling_channels=(4, 8, 16)), rngs=nnx.Rngs(0))
+    embed = model.encoder_embed
+    assert embed.conv["0"].kernel.shape[-1] == 4 and embed.conv["7"].kernel.shape[-2:] == (8, 16)
+    assert embed.out.kernel.shape == (embed.out_width * 16, MINI["encoder_dim"][0])
+    out, lens = model(jnp.ones((2, 60, 80)), jnp.array([60, 40]))
+    assert out.shape == (2, 13, 48) and lens.tolist() == [13, 8] and bool(jnp.isfinite(out).all())
 
 
 def test_input_errors():

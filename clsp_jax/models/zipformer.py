@@ -104,6 +104,8 @@ class ZipformerConfig:
     pos_dim: int
     output_downsampling_factor: int
     dropout: float = 0.1
+    # Conv2dSubsampling's three conv widths (layer1/2/3_channels in icefall; the last is the ConvNeXt width).
+    subsampling_channels: tuple[int, int, int] = (8, 32, 128)
 
     @property
     def num_stacks(self) -> int:
@@ -131,12 +133,16 @@ class ZipformerConfig:
             stacks[name] = values * n if len(values) == 1 else values
         dropout = cfg.get("dropout", 0.1)
         dropout = 0.1 if dropout is None else float(dropout)
+        channels = _as_int_tuple("subsampling_channels", cfg.get("subsampling_channels", (8, 32, 128)))
+        if len(channels) != 3:
+            raise ValueError(f"speech config 'subsampling_channels' needs 3 widths, got {list(channels)}")
         out = cls(
             feature_dim=_as_int("feature_dim", cfg["feature_dim"]),
             downsampling_factor=ds,
             pos_dim=_as_int("pos_dim", cfg["pos_dim"]),
             output_downsampling_factor=_as_int("output_downsampling_factor", cfg["output_downsampling_factor"]),
             dropout=dropout,
+            subsampling_channels=channels,
             **stacks,
         )
         out._validate()
@@ -149,6 +155,7 @@ class ZipformerConfig:
                 raise ValueError(f"speech config {name!r} must be >= 1, got {list(values)}")
 
         positive("downsampling_factor", self.downsampling_factor)
+        positive("subsampling_channels", self.subsampling_channels)
         for name in _PER_STACK:
             positive(name, getattr(self, name))
         if self.feature_dim < 7:
@@ -775,7 +782,7 @@ class SpeechEncoder(nnx.Module):
       cfg: the "speech" config dict with icefall argument names (feature_dim, downsampling_factor,
         num_encoder_layers, encoder_dim, encoder_unmasked_dim, query_head_dim, pos_head_dim, value_head_dim,
         pos_dim, num_heads, feedforward_dim, cnn_module_kernel, output_downsampling_factor; optional dropout,
-        default 0.1). One-element lists apply to every stack; other keys are ignored.
+        default 0.1, and subsampling_channels, default (8, 32, 128)). One-element lists apply to every stack; other keys are ignored.
       rngs: parameter initialisation only (training randomness is passed to `__call__`).
       dtype: compute dtype; param_dtype: parameter dtype.
       remat: rematerialisation of each Zipformer2 layer in the backward pass (`clsp_jax.models.remat`).
@@ -791,6 +798,9 @@ class SpeechEncoder(nnx.Module):
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
+            layer1_channels=self.config.subsampling_channels[0],
+            layer2_channels=self.config.subsampling_channels[1],
+            layer3_channels=self.config.subsampling_channels[2],
         )
         self.encoder = Zipformer2(self.config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
