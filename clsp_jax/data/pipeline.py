@@ -272,6 +272,19 @@ def make_train_iterator(cfg, *, data_dir: str | os.PathLike, tokenizer, process_
                                    process_index=process_index, process_count=process_count))
 
 
+def train_captions(cfg, *, data_dir: str | os.PathLike, chunk: int = 256) -> list[str]:
+    """Every caption (global and fine-grained) of the training sources, distinct and sorted: what a stage 1
+    or 2 batch can hold (for `clsp_jax.train.text_cache`). Reads each record once."""
+    texts = set()
+    for spec in _source_specs(cfg, data_dir):
+        source = fcaps_tfds.open_split(spec.data_dir, spec.split, spec.name)
+        for lo in range(0, len(source), chunk):
+            for ex in source.__getitems__(list(range(lo, min(lo + chunk, len(source))))):
+                clip = captions.ClipText.from_example(ex)
+                texts.update(clip.global_captions + clip.finegrained_captions)
+    return sorted(texts)
+
+
 # ------------------------------------------------------------------------------------------ eval
 
 

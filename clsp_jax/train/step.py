@@ -11,7 +11,8 @@ weights. Dropout randomness is `fold_in(seed, step)`: a step's result depends on
 Batch (global arrays, clips on the leading axis, sharded over (data, fsdp)):
     audio [B, N] float32 waveform, audio_lens [B] int32, input_ids / attention_mask [B, C, L] int32
     (C captions per clip: 1 in stage 1, 2 in stage 2, 3 in stage 3 with the hard negative last),
-    caption_mask [B, C] bool (optional), negative_valid [B] bool (stage 3).
+    caption_mask [B, C] bool (optional), negative_valid [B] bool (stage 3). With a frozen text encoder the
+    captions may come as text_states [B, C, H] float32 instead of tokens (`clsp_jax.train.text_cache`).
 
 No gradient accumulation: contrastive losses need every negative of the global batch in one step, and
 accumulating micro-batches would shrink the negatives (GradCache would be needed); scale the mesh instead,
@@ -87,6 +88,10 @@ def embed_batch(net: CLSPNet, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | N
     feats, feat_lens = fbank(batch["audio"], batch["audio_lens"])
     deterministic = rngs is None
     audio_emb = net.embed_features(feats, feat_lens, deterministic=deterministic, rngs=rngs)
+    if "text_states" in batch:  # cached [CLS] states of a frozen text encoder (clsp_jax.train.text_cache)
+        b, c, h = batch["text_states"].shape
+        text_emb = net.embed_cls_states(batch["text_states"].reshape(b * c, h), deterministic=deterministic, rngs=rngs)
+        return audio_emb, text_emb.reshape(b, c, -1)
     b, c, l = batch["input_ids"].shape
     text_emb = net.embed_tokens(batch["input_ids"].reshape(b * c, l), batch["attention_mask"].reshape(b * c, l),
                                 deterministic=deterministic, rngs=rngs)
