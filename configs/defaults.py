@@ -44,8 +44,12 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             checkpoint_every_minutes=30.0,
             keep_checkpoints=3,
             keep_best_metric=config_dict.placeholder(str),  # e.g. "dev/global/a2t_R@1": also keep the best
-            max_nonfinite_streak=20,
-            compilation_cache_dir="~/.cache/clsp_jax/xla",  # persistent XLA cache ("" = off)  # consecutive skipped (non-finite) updates before the run stops
+            max_nonfinite_streak=20,  # consecutive skipped (non-finite) updates before the run stops
+            compilation_cache_dir="~/.cache/clsp_jax/xla",  # persistent XLA cache ("" = off)
+            # Run a text encoder frozen below its pooler once per training caption, not every step
+            # (clsp_jax.train.text_cache; stages 1-2).
+            cache_text_states=False,
+            prefetch_batches=2,  # batches loaded and put on the devices ahead of the step, in a thread
             init_clsp=config_dict.placeholder(str),  # authors' CLSP checkpoint (.safetensors / .pt)
             init_speech=config_dict.placeholder(str),  # SPEAR checkpoint for the speech tower
             init_text=config_dict.placeholder(str),  # Hugging Face RoBERTa/BERT checkpoint for the text tower

