@@ -3,12 +3,18 @@ the contrastive logits (2 FLOPs per multiply-add). Elementwise work (activations
 optimizer update) and the FFT of the fbank are left out, so XLA's `cost_analysis()["flops"]`, which counts
 every elementwise op too, comes out somewhat higher.
 
-Backward, layer by layer along each tower: a weight gradient (= forward FLOPs) if the layer's parameters
-train, plus an input gradient (= forward FLOPs) if any layer before it in the tower trains. So the first
-convolution gets no input gradient (its input is the fbank), and frozen layers (`optim.frozen` regexes;
-the step applies `stop_gradient`) at the start of a tower get no backward at all. `remat` adds one more
-forward pass of every rematerialised layer stack that has a backward pass ("recompute"); model FLOPs (the
-MFU convention) exclude it.
+Backward, layer by layer along each tower (its heads last): a weight gradient (= forward FLOPs) if the
+layer's parameters train, plus an input gradient (= forward FLOPs) if any layer before it in the tower
+trains. So the first convolution gets no input gradient (its input is the fbank), and frozen layers
+(`optim.frozen` regexes; the step applies `stop_gradient`) at the start of a tower get no backward at all.
+`remat` adds one more forward pass of every rematerialised layer stack that has a backward pass
+("recompute"); model FLOPs (the MFU convention) exclude it.
+
+With `text_states` (the trainer's `train.cache_text_states`) the step gets the frozen text encoder's cached
+last-layer [CLS] states instead of tokens: its embeddings and layers do not run in the step (a zero
+"text.layers (cached)" row), and the text side starts at the pooler, with no input gradient. Building the
+cache runs the encoder forward once per distinct caption before training: `text_cache_per_caption`, not
+in the totals.
 
     count = step_flops(config.model, frozen, batch=20, samples=80000, captions=2, text_length=112)
     count.total_model, count.rows  # FLOPs per step; per-component (name, fwd, bwd, recompute)
@@ -40,7 +46,7 @@ ZIPFORMER_PATH = "speech/encoder/encoders/0/layers/0/feed_forward1/in_proj/kerne
 TEXT_EMBED_PATH = "text_encoder/embeddings/word_embeddings/embedding"
 TEXT_LAYER_PATH = "text_encoder/encoder/layer/0/attention/self/query/kernel"
 TEXT_POOLER_PATH = "text_encoder/pooler/dense/kernel"
-HEAD_PATHS = ("audio_projection/0/kernel", "text_projection/0/kernel")
+AUDIO_HEAD_PATH, TEXT_HEAD_PATH = "audio_projection/0/kernel", "text_projection/0/kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,9 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
     rows: tuple[Row, ...]
+    # Forward FLOPs per distinct caption of building the text-state cache (once, before training; not in
+    # the totals), at the step's text length (the cache pads each caption to at most that); 0 without it.
+    text_cache_per_caption: float = 0.0
 
     @property
     def total_model(self) -> float:
@@ -143,12 +152,13 @@ def is_frozen(frozen: Sequence[str], path: str) -> bool:
 
 
 def step_flops(model: Mapping, frozen: Sequence[str], *, batch: int, samples: int, captions: int,
-               text_length: int, remat: str | None = None) -> StepFlops:
+               text_length: int, text_states: bool = False, remat: str | None = None) -> StepFlops:
     """FLOPs of one train step on `batch` clips of `samples` samples with `captions` captions each.
 
     Args:
       model: the config's `model` section (speech, text, joint_dim, remat).
       frozen: `optim.frozen` regexes (parameter paths).
+      text_states: the step gets cached [CLS] states [B, C, hidden_size] instead of tokens (see the module doc).
       remat: overrides model["remat"] ("none" | "layer" | "layer_save_dots"); a remat'd layer with a
         backward pass is counted as forward once more under "recompute" (upper bound for layer_save_dots).
     """
@@ -177,20 +187,22 @@ def step_flops(model: Mapping, frozen: Sequence[str], *, batch: int, samples: in
     embed = conv2d_subsampling_flops(batch, frames, speech.feature_dim, speech.encoder_dim[0])
     rows = [Row("fbank", fbank_flops(batch, samples), 0.0)]
     rows += chain([(f"encoder_embed.{n}", f, EMBED_PATHS[n], False) for n, f in embed.items()]
-                  + [("zipformer", zipformer_flops(speech, batch, enc_frames), ZIPFORMER_PATH, True)])
+                  + [("zipformer", zipformer_flops(speech, batch, enc_frames), ZIPFORMER_PATH, True),
+                     ("audio_heads", _head_flops(max(speech.encoder_dim), joint, batch), AUDIO_HEAD_PATH, False)])
 
-    sequences = batch * captions
-    text_layers = text["num_hidden_layers"] * text_layer_flops(text, sequences, text_length)
-    pooler = _mm(sequences, text["hidden_size"], text["hidden_size"])
-    rows += chain([("text.embeddings", 0.0, TEXT_EMBED_PATH, False), ("text.layers", text_layers, TEXT_LAYER_PATH, True),
-                   ("text.pooler", pooler, TEXT_POOLER_PATH, False)])[1:]
+    sequences, hidden = batch * captions, text["hidden_size"]
+    layers_per_caption = text["num_hidden_layers"] * text_layer_flops(text, 1, text_length)
+    top = [("text.pooler", _mm(sequences, hidden, hidden), TEXT_POOLER_PATH, False),
+           ("text.heads", _head_flops(hidden, joint, sequences), TEXT_HEAD_PATH, False)]
+    if text_states:
+        rows += [Row("text.layers (cached)", 0.0, 0.0)] + chain(top)
+    else:
+        rows += chain([("text.embeddings", 0.0, TEXT_EMBED_PATH, False),
+                       ("text.layers", sequences * layers_per_caption, TEXT_LAYER_PATH, True)] + top)[1:]
 
-    heads = (_head_flops(max(speech.encoder_dim), joint, batch)
-             + _head_flops(text["hidden_size"], joint, sequences))
-    rows.append(Row("heads", heads, 2 * heads if all(map(trains, HEAD_PATHS)) else 0.0))
     logits = 2 * _mm(batch, joint, captions * batch)  # speech->text and text->speech
     rows.append(Row("loss", logits, 2 * logits))
-    return StepFlops(tuple(rows))
+    return StepFlops(tuple(rows), layers_per_caption if text_states else 0.0)
 
 
 def describe(count: StepFlops) -> str:
@@ -199,6 +211,9 @@ def describe(count: StepFlops) -> str:
     for r in count.rows:
         lines.append(f"{r.name:34s} {r.fwd / 1e9:10.2f} {r.bwd / 1e9:10.2f} {r.recompute / 1e9:10.2f}")
     lines.append(f"{'total (model)':34s} {count.total_model / 1e9:10.2f}   executed {count.total_executed / 1e9:.2f}")
+    if count.text_cache_per_caption:
+        lines.append(f"text states cached: building the cache, once before training, costs "
+                     f"{count.text_cache_per_caption / 1e9:.3f} GF forward per distinct caption (not in the totals)")
     return "\n".join(lines)
 
 
@@ -207,4 +222,4 @@ if __name__ == "__main__":  # quick look: python -m benchmarks.flops
 
     cfg = tiny.get_config()
     print(describe(step_flops(cfg.model.to_dict(), list(cfg.optim.frozen), batch=20, samples=80000, captions=2,
-                              text_length=112)))
+                              text_length=112, text_states=cfg.train.cache_text_states)))

@@ -7,13 +7,17 @@
 The network, optimizer, state, shardings and jitted step are built as `clsp_jax.train.trainer` builds them
 (`build_net`, `optim.make_optimizer`, `init_state`, `sharding.param_shardings`, `make_train_step`,
 `sharding.jit_train_step`), over a synthetic batch of the given shape (no data needed). Defaults: the
-config's bucket batch for `--clip-seconds`, its text length and objective.
+config's bucket batch for `--clip-seconds`, its text length and objective. With `train.cache_text_states`
+the batch carries random text states [B, C, H] in place of the tokens, as the trainer sends its cached
+[CLS] states, so the text encoder below the pooler is not in the step; the cache's one-time build is
+reported as analytic FLOPs per caption only (not run).
 
 MFU = FLOPs per step / step time / peak FLOP/s, where the peak is a large matmul in the compute dtype
 measured in the same run (so a busy machine lowers both). FLOPs come from XLA's `cost_analysis()` of the
 compiled step (per device) and from `benchmarks.flops` (matmuls/convs only); both are printed with their
 ratio. `--breakdown` also times the forward and forward+backward of each part on its own: fbank,
-Conv2dSubsampling (and each of its layers), the Zipformer2 encoder, the text tower, the loss.
+Conv2dSubsampling (and each of its layers), the Zipformer2 encoder, the text side up to its embeddings
+(text tower + heads, or only the pooler + heads on cached states), the loss.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from benchmarks import common, flops
 from clsp_jax import optim, sharding
 from clsp_jax.data import buckets
 from clsp_jax.features import fbank
+from clsp_jax.models.clsp import CLSPNet
 from clsp_jax.train.step import OBJECTIVES, captions_per_clip, init_state, make_train_step
+from clsp_jax.train.text_cache import check_cacheable
 from clsp_jax.train.trainer import DTYPES, build_net
 
 
@@ -66,16 +72,20 @@ def batch_shape(config, args) -> tuple[int, int, int, int]:
 
 
 def synthetic_batch(clips: int, samples: int, captions: int, length: int, vocab: int, stage: int,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+                    seed: int = 0, text_hidden: int = 0) -> dict[str, np.ndarray]:
     """A host batch in the step's layout: audio [B, N] (noise), audio_lens [B] = N, input_ids /
-    attention_mask [B, C, L] (random tokens, all valid), negative_valid [B] in stage 3."""
+    attention_mask [B, C, L] (random tokens, all valid) or, when `text_hidden` H > 0, text_states
+    [B, C, H] float32 (random normal, standing in for cached [CLS] states), negative_valid [B] in stage 3."""
     rng = np.random.default_rng(seed)
     batch = {
         "audio": (0.1 * rng.standard_normal((clips, samples))).astype(np.float32),
         "audio_lens": np.full(clips, samples, np.int32),
-        "input_ids": rng.integers(1000, vocab, (clips, captions, length), dtype=np.int32),
-        "attention_mask": np.ones((clips, captions, length), np.int32),
     }
+    if text_hidden:
+        batch["text_states"] = rng.standard_normal((clips, captions, text_hidden)).astype(np.float32)
+    else:
+        batch["input_ids"] = rng.integers(1000, vocab, (clips, captions, length), dtype=np.int32)
+        batch["attention_mask"] = np.ones((clips, captions, length), np.int32)
     if stage == 3:
         batch["negative_valid"] = np.ones(clips, bool)
     return batch
@@ -129,21 +139,21 @@ def time_component(name: str, module: nnx.Module, prefix: str, call: Callable, i
     return row
 
 
-def breakdown(net, config, host: dict, args) -> list[dict]:
-    """Per-component timings on the batch `host` (the step's shapes), one dict per row.
+def breakdown(net, config, host: dict, shape: dict, args) -> list[dict]:
+    """Per-component timings on the batch `host` (the step's shapes; `shape`: its `flops.step_flops`
+    keywords), one dict per row.
 
     Rows with "in_step" add up to (most of) the step: fbank, encoder_embed, zipformer, text, loss, each
-    with the config's frozen parameters frozen. The encoder_embed.* rows time each Conv2dSubsampling layer
-    alone as if it trained (frozen ignored), and "encoder_embed[trainable]" the whole front end so, when the
-    config freezes it: what training it would cost. "analytic_fwd" / "analytic_fwd_bwd" are the matching
+    with the config's frozen parameters frozen. "text" is the text side as the step runs it, up to the
+    unit-norm embeddings: `CLSPNet.embed_tokens` on the tokens, or `embed_cls_states` (pooler + heads) on
+    cached text states. The encoder_embed.* rows time each Conv2dSubsampling layer alone as if it trained
+    (frozen ignored), and "encoder_embed[trainable]" the whole front end so, when the config freezes it:
+    what training it would cost. "analytic_fwd" / "analytic_fwd_bwd" are the matching
     `benchmarks.flops` FLOPs.
     """
     frozen, seed, warmup, iters = list(config.optim.frozen), int(config.train.seed), args.warmup, args.steps
     audio, audio_lens = jnp.asarray(host["audio"]), jnp.asarray(host["audio_lens"])
-    b, c, l = host["input_ids"].shape
-    ids = jnp.asarray(host["input_ids"].reshape(b * c, l))
-    mask = jnp.asarray(host["attention_mask"].reshape(b * c, l))
-    shape = dict(batch=b, samples=audio.shape[1], captions=c, text_length=l)
+    b, c = shape["batch"], shape["captions"]
     model = config.model.to_dict()
     counted = {r.name: r for r in flops.step_flops(model, frozen, **shape).rows}
     trainable = {r.name: r for r in flops.step_flops(model, [], **shape).rows}
@@ -205,9 +215,18 @@ def breakdown(net, config, host: dict, args) -> list[dict]:
                        [enc_x, enc_lens], [] if len(embed_frozen) == len(flops.EMBED_PATHS) else [0], frozen, seed,
                        warmup, iters), counted, "zipformer", True)
 
-    add(time_component("text", net.text_encoder, "text_encoder",
-                       lambda m, ids, mask, rngs: m(ids, mask, deterministic=False, rngs=rngs), [ids, mask], [],
-                       frozen, seed, warmup, iters), counted, "text", True)
+    # CLSPNet's text methods on a view holding only the parts they use, so only those are parameters here.
+    heads = dict(text_projection=net.text_projection, text_transform=net.text_transform)
+    if "text_states" in host:
+        text = nnx.Dict(text_encoder=nnx.Dict(pooler=net.text_encoder.pooler), **heads)
+        text_call = lambda m, states, rngs: CLSPNet.embed_cls_states(m, states, deterministic=False, rngs=rngs)
+        text_inputs = [jnp.asarray(host["text_states"].reshape(b * c, -1))]
+    else:
+        text = nnx.Dict(text_encoder=net.text_encoder, **heads)
+        text_call = lambda m, ids, mask, rngs: CLSPNet.embed_tokens(m, ids, mask, deterministic=False, rngs=rngs)
+        text_inputs = [jnp.asarray(host[k].reshape(b * c, -1)) for k in ("input_ids", "attention_mask")]
+    add(time_component("text", text, "", text_call, text_inputs, [], frozen, seed, warmup, iters), counted, "text",
+        True)
 
     loss_fn = OBJECTIVES[config.train.objective][0]
     joint = net.audio_projection["2"].out_features
@@ -243,11 +262,14 @@ def run(args, config) -> dict:
     t = config.train
     info = common.machine()
     clips, samples, captions, length = batch_shape(config, args)
+    cached, hidden = bool(t.cache_text_states), int(config.model.text.hidden_size)
+    shape = dict(batch=clips, samples=samples, captions=captions, text_length=length, text_states=cached)
     dtype = DTYPES[t.compute_dtype]
     audio_seconds = clips * samples / config.data.sample_rate
+    text = f"cached text states [{hidden}]" if cached else f"{length} tokens"
     print(f"machine: {info}")
     print(f"batch: {clips} clips x {samples / config.data.sample_rate:.2f} s ({audio_seconds:.0f} s audio), "
-          f"{captions} captions x {length} tokens; objective {t.objective}; dtype {t.compute_dtype}; "
+          f"{captions} captions x {text}; objective {t.objective}; dtype {t.compute_dtype}; "
           f"remat {config.model.get('remat', 'none')}", flush=True)
 
     peak = common.peak_matmul_flops(dtype, args.peak_size or common.default_peak_size())
@@ -256,10 +278,13 @@ def run(args, config) -> dict:
     start = time.perf_counter()
     net = build_net(config, t.seed)
     build_s = time.perf_counter() - start
+    if cached:  # as the trainer's check_config: only a text encoder frozen below its pooler is cached
+        params = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(net, nnx.Param)))[0]
+        check_cacheable([sharding.path_str(p) for p, _ in params], list(config.optim.frozen), int(config.data.stage))
     mesh = sharding.make_mesh(sharding.parse_mesh_shape(t.mesh, jax.device_count()))
     host = synthetic_batch(clips, samples, captions, length, int(config.model.text.vocab_size),
-                           int(config.data.stage), seed=int(t.seed))
-    rows = breakdown(net, config, host, args) if args.breakdown else None
+                           int(config.data.stage), seed=int(t.seed), text_hidden=hidden if cached else 0)
+    rows = breakdown(net, config, host, shape, args) if args.breakdown else None
 
     step, state = build_step(config, net, mesh)
     del net  # its arrays now belong to the state, which the step donates
@@ -283,8 +308,7 @@ def run(args, config) -> dict:
     step_s = step_stats["median_s"]
     loss = float(jax.device_get(one_step()[1]["loss"]))  # one more step: its loss shows the step is real
 
-    count = flops.step_flops(config.model.to_dict(), list(config.optim.frozen), batch=clips, samples=samples,
-                             captions=captions, text_length=length)
+    count = flops.step_flops(config.model.to_dict(), list(config.optim.frozen), **shape)
     devices = jax.device_count()
     xla = common.xla_flops(compiled)  # per device
     analytic_dev = count.total_executed / devices
@@ -292,9 +316,10 @@ def run(args, config) -> dict:
         "benchmark": "train_step",
         "machine": info,
         "config": {"objective": t.objective, "compute_dtype": t.compute_dtype, "remat": config.model.get("remat", "none"),
-                   "mesh": list(mesh.shape.values()), "frozen": list(config.optim.frozen)},
+                   "mesh": list(mesh.shape.values()), "frozen": list(config.optim.frozen),
+                   "cache_text_states": cached},
         "batch": {"clips": clips, "clip_seconds": samples / config.data.sample_rate, "captions": captions,
-                  "text_length": length, "audio_seconds": audio_seconds},
+                  "text_length": length, "text_states_cached": cached, "audio_seconds": audio_seconds},
         "build_net_s": build_s,
         "compile_s": compile_s,
         "lower_s": lower_s,
@@ -309,6 +334,7 @@ def run(args, config) -> dict:
             "analytic_executed": count.total_executed,
             "xla_over_analytic": xla / analytic_dev if analytic_dev else float("nan"),
             "analytic_rows": [vars(r) for r in count.rows],
+            "analytic_text_cache_per_caption": count.text_cache_per_caption,  # once, before training
         },
         "mfu_xla": xla / step_s / peak["flops_per_s"],
         "mfu_analytic": count.total_model / devices / step_s / peak["flops_per_s"],
@@ -326,7 +352,12 @@ def report(r: dict) -> None:
           f"over {len(r['step']['times_s'])} steps; {r['samples_per_s']:.2f} clips/s, "
           f"{r['audio_seconds_per_s']:.1f} audio-s/s; loss {r['loss_after']:.4f}")
     print(f"FLOPs/step: XLA {f['xla_per_device'] / 1e9:.1f} G per device, analytic {f['analytic_model'] / 1e9:.1f} G "
-          f"(executed {f['analytic_executed'] / 1e9:.1f} G); XLA / analytic = {f['xla_over_analytic']:.3f}")
+          f"(executed {f['analytic_executed'] / 1e9:.1f} G); XLA / analytic = {f['xla_over_analytic']:.3f}; "
+          f"text states {'cached' if r['batch']['text_states_cached'] else 'not cached (text encoder in the step)'}")
+    if r["batch"]["text_states_cached"]:
+        print(f"text-state cache (built once before training, not run here): "
+              f"{f['analytic_text_cache_per_caption'] / 1e9:.3f} GFLOP forward per distinct caption at "
+              f"<= {r['batch']['text_length']} tokens (analytic)")
     print(f"MFU: {100 * r['mfu_xla']:.1f}% (XLA FLOPs), {100 * r['mfu_analytic']:.1f}% (analytic) "
           f"of the measured peak {peak / 1e9:.1f} GFLOP/s")
     mem = r["memory_per_device"]
@@ -346,7 +377,7 @@ def report(r: dict) -> None:
                   f"{row['analytic_fwd_bwd'] / fb['min_s'] / 1e9:9.1f} {share:>7s}")
         parts = sum(row.get("fwd_bwd", row["fwd"])["median_s"] for row in r["breakdown"] if row["in_step"])
         print(f"{'rest of the step':30s} {'':13s} {step_s - parts:13.3f} {'':8s} {'':9s} {'':9s} "
-              f"{100 * (step_s - parts) / step_s:6.1f}%  (heads, optimizer, glue; negative = overlap/noise)")
+              f"{100 * (step_s - parts) / step_s:6.1f}%  (audio heads, optimizer, glue; negative = overlap/noise)")
         print("(GF/s and bwd/fwd from the min times; % step from the medians)")
 
 
