@@ -49,6 +49,9 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             # Run a text encoder frozen below its pooler once per training caption, not every step
             # (clsp_jax.train.text_cache; stages 1-2).
             cache_text_states=False,
+            # Batches whose pooled speech features standardise the audio head's input at step 0 (0 = off;
+            # for a speech tower trained from scratch: clsp_jax.train.head_init).
+            audio_head_init_batches=0,
             prefetch_batches=2,  # batches loaded and put on the devices ahead of the step, in a thread
             init_clsp=config_dict.placeholder(str),  # authors' CLSP checkpoint (.safetensors / .pt)
             init_speech=config_dict.placeholder(str),  # SPEAR checkpoint for the speech tower

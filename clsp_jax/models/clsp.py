@@ -71,6 +71,18 @@ def _project(proj: nnx.Dict, x):
     return proj["2"](jax.nn.relu(proj["0"](x)))
 
 
+def fold_input_standardization(linear: nnx.Linear, mean, std) -> None:
+    """Makes `linear` compute what it computed on (x - mean) / std: kernel / std, bias - (mean / std) @ kernel.
+
+    mean, std [din]. A data-dependent initialisation: the layer's function of standardised inputs is
+    unchanged, no module is added, so checkpoints keep the authors' names and shapes.
+    """
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    kernel = linear.kernel[...] / std[:, None].astype(linear.kernel.dtype)
+    linear.kernel[...] = kernel
+    linear.bias[...] = linear.bias[...] - mean @ kernel
+
+
 def l2_normalize(x, eps=1e-12):
     """x / max(||x||, eps) along the last axis, as torch.nn.functional.normalize."""
     x = x.astype(jnp.float32)
@@ -111,6 +123,11 @@ class CLSPNet(nnx.Module):
         frames, lens = self.encode_features(features, feature_lens, deterministic=deterministic, rngs=rngs)
         x = _project(self.audio_projection, masked_mean(frames, lens).astype(frames.dtype))
         return l2_normalize(self.audio_transform(x, deterministic, rngs))
+
+    def pooled_audio(self, features, feature_lens):
+        """features [B, T, F], feature_lens [B] -> the audio head's input [B, C]: frames averaged (eval mode)."""
+        frames, lens = self.encode_features(features, feature_lens)
+        return masked_mean(frames, lens)
 
     def embed_tokens(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None):
         """input_ids, attention_mask [B, L] -> unit-norm text embeddings [B, joint_dim] float32."""

@@ -1,6 +1,7 @@
 """The CLSP trainer, one linear recipe:
 
-    config check -> mesh -> data -> model (scratch / PyTorch towers) -> optimizer -> shard -> restore
+    config check -> mesh -> data -> model (scratch / PyTorch towers, data-initialised audio head) -> optimizer
+    -> shard -> restore
     -> jitted step -> loop { step, log, eval, checkpoint } -> final checkpoint
 
 Everything that varies lives in the config (configs/*.py). The work dir holds the resolved config,
@@ -32,6 +33,7 @@ from clsp_jax.models.text import TextEncoder
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train import checkpoint
 from clsp_jax.train.evaluation import make_evaluator
+from clsp_jax.train.head_init import standardize_audio_head
 from clsp_jax.train.prefetch import Prefetcher
 from clsp_jax.train.step import captions_per_clip, init_state, make_train_step
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states, check_cacheable
@@ -207,9 +209,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count())
 
+    manager = checkpoint.make_manager(workdir, every_steps=t.checkpoint_every_steps,
+                                      every_minutes=t.checkpoint_every_minutes, keep=t.keep_checkpoints,
+                                      best_metric=t.get("keep_best_metric"))
+    resuming = manager.latest_step() is not None
     clock = time.time()
     net = build_net(config, t.seed)
     log.info("built the network in %.1f s", time.time() - clock)
+    captions = captions_per_clip(t.objective)
+    if t.audio_head_init_batches and not resuming:  # a resumed run restores the trained head instead
+        first = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+        standardize_audio_head(net, (_device_batch(host, mesh, captions, None) for host in first),
+                               t.audio_head_init_batches)
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), params)
     text_cache = _text_cache(config, net, tokenizer) if t.cache_text_states else None
@@ -219,11 +231,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = jax.device_put(state, shardings)
     del net, params
 
-    manager = checkpoint.make_manager(workdir, every_steps=t.checkpoint_every_steps,
-                                      every_minutes=t.checkpoint_every_minutes, keep=t.keep_checkpoints,
-                                      best_metric=t.get("keep_best_metric"))
     start = 0
-    if manager.latest_step() is not None:
+    if resuming:
         state, data_state = checkpoint.restore(manager, checkpoint.abstract_like(state, shardings))
         data.set_state(data_state)
         start = int(state["step"])
@@ -233,7 +242,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_cfg = dict(t.to_dict(), ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen))
     step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, step_cfg, mesh),
                       in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
-    captions = captions_per_clip(t.objective)
     metrics_log = MetricsLog(workdir, start)
     preemption = Preemption()
     progress = _Progress(start, t.num_steps)
