@@ -140,7 +140,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-steps", type=int, default=None, help="training steps (default: configs/tiny.py)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # an import has already given the root logger a handler
     logging.getLogger("absl").setLevel(logging.WARNING)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

@@ -1,4 +1,5 @@
-"""A tiny CLSP for evaluation tests (fast to build, MiniLM tokenizer) and a helper to embed like the evaluators."""
+"""A tiny CLSP for evaluation tests (fast to build, MiniLM tokenizer), a saved copy with an in-process CLI runner,
+and a helper to embed like the evaluators."""
 
 from __future__ import annotations
 
@@ -25,6 +26,30 @@ def tiny_clsp() -> CLSP:
     state["text_encoder.embeddings.word_embeddings.weight"] = rng.normal(0, 0.5, (30522, 64)).astype(np.float32)
     state["text_encoder.embeddings.position_embeddings.weight"] = rng.normal(0, 0.5, (514, 64)).astype(np.float32)
     return CLSP.from_torch(state, config, tokenizer=str(TOKENIZER))
+
+
+def saved_tiny_clsp(tmp_path_factory) -> tuple[Path, CLSP]:
+    """`tiny_clsp()` saved to a temporary dir: (its path, the model as `CLSP.load` returns it)."""
+    path = tmp_path_factory.mktemp("ckpt") / "clsp"
+    tiny_clsp().save(path)
+    return path, CLSP.load(path)
+
+
+def cli_runner(main, checkpoint: tuple[Path, CLSP], monkeypatch, capsys):
+    """`call(*argv) -> (exit code, stdout, stderr)` of `main(["--checkpoint", path, *argv])`, in process.
+
+    `CLSP.load` of the checkpoint returns the already loaded model, so the runs share compiled programs
+    (loading itself is exercised by `saved_tiny_clsp`)."""
+    path, model = checkpoint
+    real_load = CLSP.load
+    monkeypatch.setattr(CLSP, "load", lambda d: model if str(d) == str(path) else real_load(d))
+
+    def call(*argv):
+        rc = main(["--checkpoint", str(path), *map(str, argv)])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call
 
 
 def embed_in_eights(model: CLSP, waves: list[np.ndarray]) -> np.ndarray:

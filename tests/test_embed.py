@@ -11,33 +11,19 @@ import soundfile as sf
 import soxr
 
 from clsp_jax import embed as cli
-from eval_fixtures import tiny_clsp
+from eval_fixtures import cli_runner, saved_tiny_clsp
 
 TEXTS = ["A male speaker with a low-pitched voice.", "A female speaker talks quickly in a happy tone."]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A saved tiny CLSP and the model as the CLI loads it."""
-    path = tmp_path_factory.mktemp("ckpt") / "clsp"
-    tiny_clsp().save(path)
-    return path, cli.CLSP.load(path)
+    return saved_tiny_clsp(tmp_path_factory)
 
 
 @pytest.fixture
 def run(checkpoint, monkeypatch, capsys):
-    """Runs the CLI in-process; loading the checkpoint returns the already loaded model (shared compiled
-    programs; loading itself is exercised by the fixture)."""
-    path, model = checkpoint
-    real_load = cli.CLSP.load
-    monkeypatch.setattr(cli.CLSP, "load", lambda d: model if str(d) == str(path) else real_load(d))
-
-    def call(*argv):
-        rc = cli.main(["--checkpoint", str(path), *map(str, argv)])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
+    return cli_runner(cli.main, checkpoint, monkeypatch, capsys)
 
 
 def _signal(seconds: float, rate: int, seed: int) -> np.ndarray:

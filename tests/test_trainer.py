@@ -122,6 +122,12 @@ def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data
     assert sorted(reference) == list(range(1, 9))
     assert all(np.isfinite(v) for v in reference.values())
     assert os.path.exists(full / "config.json") and os.listdir(full / "tensorboard")
+    with open(full / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    for key in ("learning_rate", "logit_scale", "samples_per_second", "audio_hours_per_second", "data_wait_fraction"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in train_rows)
 
     # kill -9 once step 4 is logged (a checkpoint exists at 3), then resume with the same command.
     killed = tmp_path / "killed"

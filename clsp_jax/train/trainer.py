@@ -252,11 +252,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         Returns the number of consecutive non-finite (skipped) updates so far."""
         nonlocal last, nonfinite_total, streak
-        step, metrics, clips, audio_s = pending
+        step, metrics, clips, audio_s, waited = pending
         metrics = jax.device_get(metrics)
         nonfinite_total += int(metrics["nonfinite"])
         streak = streak + 1 if metrics["nonfinite"] else 0
-        progress.update(step, clips, audio_s)
+        progress.update(step, clips, audio_s, waited)
         if (step + 1) % t.log_every_steps == 0 or step + 1 == t.num_steps:
             last = {**{k: float(v) for k, v in metrics.items()}, "nonfinite_total": nonfinite_total,
                     **progress.rates()}
@@ -273,6 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics_log.write(step, eval_metrics)
             last.update(eval_metrics)
             progress.print_eval(step, eval_metrics)
+            progress.restart_window()  # the rates measure training steps, not the evaluation
         if manager.latest_step() != step:
             checkpoint.save(manager, step, state, batches.state, metrics=eval_metrics, force=final)
 
@@ -281,12 +282,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = Prefetcher(data, lambda host: _device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
     try:
         while step < t.num_steps:
+            waited = time.perf_counter()
             host, batch = next(batches)
+            waited = time.perf_counter() - waited  # > 0 only when the input pipeline is behind the step
             state, metrics = step_fn(state, batch)
             if pending is not None and flush(pending) > t.max_nonfinite_streak:
                 raise FloatingPointError(f"{t.max_nonfinite_streak} consecutive non-finite losses")
             pending = (step, metrics, len(host["audio_lens"]) * jax.process_count(),
-                       float(np.sum(host["audio_lens"])) / config.data.sample_rate * jax.process_count())
+                       float(np.sum(host["audio_lens"])) / config.data.sample_rate * jax.process_count(), waited)
             step += 1
             if preemption.requested:
                 break
@@ -310,23 +313,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 class _Progress:
-    """steps/s, clips/s, audio-hours/s and ETA over a sliding window of steps."""
+    """steps/s, clips/s, audio-hours/s, the share of time spent waiting for data, and ETA, over a sliding
+    window of steps."""
 
     def __init__(self, start: int, total: int):
         self.total, self.window = total, []
         self.t0 = time.time()
 
-    def update(self, step, clips, audio_s):
-        self.window = (self.window + [(time.time(), clips, audio_s)])[-20:]
+    def update(self, step, clips, audio_s, waited):
+        self.window = (self.window + [(time.time(), clips, audio_s, waited)])[-20:]
+
+    def restart_window(self):
+        self.window = []
 
     def rates(self) -> dict:
         if len(self.window) < 2:
-            return {"steps_per_second": 0.0, "samples_per_second": 0.0, "audio_hours_per_second": 0.0}
+            return {"steps_per_second": 0.0, "samples_per_second": 0.0, "audio_hours_per_second": 0.0,
+                    "data_wait_fraction": 0.0}
         dt = self.window[-1][0] - self.window[0][0]
         n = len(self.window) - 1
-        clips = sum(c for _, c, _ in self.window[1:])
-        audio = sum(a for _, _, a in self.window[1:])
-        return {"steps_per_second": n / dt, "samples_per_second": clips / dt, "audio_hours_per_second": audio / dt / 3600}
+        clips, audio, waited = (sum(row[i] for row in self.window[1:]) for i in (1, 2, 3))
+        return {"steps_per_second": n / dt, "samples_per_second": clips / dt, "audio_hours_per_second": audio / dt / 3600,
+                "data_wait_fraction": waited / dt}
 
     def print(self, step, metrics):
         if jax.process_index() != 0:
@@ -335,7 +343,8 @@ class _Progress:
         eta = (self.total - step) / sps if sps > 0 else float("nan")
         print(f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.2e} "
               f"scale {metrics['logit_scale']:.2f} | {sps:.2f} steps/s {metrics['samples_per_second']:.1f} clips/s "
-              f"{metrics['audio_hours_per_second'] * 3600:.0f} audio-s/s | ETA {_hms(eta)}", flush=True)
+              f"{metrics['audio_hours_per_second'] * 3600:.0f} audio-s/s "
+              f"data wait {100 * metrics['data_wait_fraction']:.0f}% | ETA {_hms(eta)}", flush=True)
 
 
     def print_eval(self, step, metrics):
