@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True, help="dataset root (psc: the FCaps manifest file)")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path, result = build(args.name, args.root, args.out)
     except ValueError as e:

@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", action="store_true", help="run the units as an Apache Beam pipeline")
     p.add_argument("--overwrite", action="store_true", help="rebuild a split that already exists")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     settings = BuildSettings(
         audio_root=str(Path(args.audio_root).resolve()),

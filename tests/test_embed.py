@@ -11,19 +11,8 @@ import soundfile as sf
 import soxr
 
 from clsp_jax import embed as cli
-from eval_fixtures import cli_runner, saved_tiny_clsp
 
 TEXTS = ["A male speaker with a low-pitched voice.", "A female speaker talks quickly in a happy tone."]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return saved_tiny_clsp(tmp_path_factory)
-
-
-@pytest.fixture
-def run(checkpoint, monkeypatch, capsys):
-    return cli_runner(cli.main, checkpoint, monkeypatch, capsys)
 
 
 def _signal(seconds: float, rate: int, seed: int) -> np.ndarray:

@@ -20,17 +20,7 @@ from clsp_jax.evals import metrics as M
 from data_prep import eval_sets
 from data_prep.eval_sets import ZERO_SHOT_TASKS
 from data_prep.prepare import BuildSettings, prepare
-from eval_fixtures import REPO, cli_runner, embed_in_eights, saved_tiny_clsp
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return saved_tiny_clsp(tmp_path_factory)
-
-
-@pytest.fixture
-def run(checkpoint, monkeypatch, capsys):
-    return cli_runner(cli.main, checkpoint, monkeypatch, capsys)
+from eval_fixtures import REPO, embed_in_eights
 
 
 def read_results(out_dir):

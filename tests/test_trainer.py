@@ -48,10 +48,13 @@ def data_dir(tmp_path_factory):
 
 
 def _command(workdir, data_dir, *extra):
+    # Of repeated --config.x flags the first wins, so an extra override replaces MICRO's entry for its key.
+    keys = {e.split("=", 1)[0] for e in extra}
+    micro = [m for m in MICRO if m.split("=", 1)[0] not in keys]
     return [sys.executable, "-m", "clsp_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.data.tokenizer={MINILM}",
             f"--config.train.compilation_cache_dir={os.path.join(os.path.dirname(str(workdir)), 'xla_cache')}",
-            *MICRO, *extra]
+            *micro, *extra]
 
 
 def _run(workdir, data_dir, *extra, timeout=600, env=None):
