@@ -115,6 +115,22 @@ def test_missing_data_dir_and_batch_multiple_fail_with_one_line(tmp_path, data_d
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):
+    """A learning rate of 1e38 overflows the weights after the first update: every later loss is NaN, each
+    update is skipped and counted, and the third in a row stops the run with a message and a checkpoint."""
+    run = tmp_path / "run"
+    result = _run(run, data_dir, "--config.optim.base_lr=1e38", "--config.train.max_nonfinite_streak=2",
+                  "--config.train.num_steps=20")
+    assert result.returncode != 0
+    assert "consecutive non-finite losses" in result.stderr and "checkpoint saved" in result.stderr, \
+        result.stderr[-2000:]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
+    assert rows and rows[-1]["nonfinite_total"] >= 3 and rows[-1]["step"] < 20
+    from clsp_jax.train.checkpoint import make_manager
+
+    assert make_manager(str(run), read_only=True).latest_step() == rows[-1]["step"] + 1
+
+
 def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data_dir):
     steps = ["--config.train.num_steps=8", "--config.train.checkpoint_every_steps=3",
              "--config.train.checkpoint_every_minutes=0"]

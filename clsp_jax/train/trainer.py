@@ -264,6 +264,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             progress.print(step + 1, last)
         return streak
 
+    def check_streak(streak: int) -> None:
+        if streak > t.max_nonfinite_streak:
+            raise FloatingPointError(f"{streak} consecutive non-finite losses "
+                                     f"(more than train.max_nonfinite_streak={t.max_nonfinite_streak})")
+
     def eval_and_save(step: int, final: bool) -> None:
         """Periodic (or final) evaluation, then a checkpoint when the policy (or `final`) asks for one."""
         eval_metrics = None
@@ -286,17 +291,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             host, batch = next(batches)
             waited = time.perf_counter() - waited  # > 0 only when the input pipeline is behind the step
             state, metrics = step_fn(state, batch)
-            if pending is not None and flush(pending) > t.max_nonfinite_streak:
-                raise FloatingPointError(f"{t.max_nonfinite_streak} consecutive non-finite losses")
-            pending = (step, metrics, len(host["audio_lens"]) * jax.process_count(),
-                       float(np.sum(host["audio_lens"])) / config.data.sample_rate * jax.process_count(), waited)
-            step += 1
+            done, pending = pending, (step, metrics, len(host["audio_lens"]) * jax.process_count(),
+                                      float(np.sum(host["audio_lens"])) / config.data.sample_rate
+                                      * jax.process_count(), waited)
+            step += 1  # = state["step"], so a checkpoint saved from here on is labelled with its own step
+            if done is not None:
+                check_streak(flush(done))
             if preemption.requested:
                 break
             if step < t.num_steps:
                 eval_and_save(step, final=False)
-        if pending is not None and flush(pending) > t.max_nonfinite_streak:
-            raise FloatingPointError(f"{t.max_nonfinite_streak} consecutive non-finite losses")
+        if pending is not None:
+            check_streak(flush(pending))
         eval_and_save(step, final=True)
     except FloatingPointError as e:
         if manager.latest_step() != step:
