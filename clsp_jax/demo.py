@@ -15,7 +15,6 @@ import logging
 import os
 import time
 
-import numpy as np
 
 SPLITS = ("train", "dev", "test")
 

@@ -16,7 +16,6 @@ repeatedly, as Kaldi's extractor does; Lhotse reads past its buffer there.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

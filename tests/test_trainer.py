@@ -120,7 +120,7 @@ def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):
     update is skipped and counted, and the third in a row stops the run with a message and a checkpoint."""
     run = tmp_path / "run"
     result = _run(run, data_dir, "--config.optim.base_lr=1e38", "--config.train.max_nonfinite_streak=2",
-                  "--config.train.num_steps=20")
+                  "--config.train.num_steps=20", "--config.train.audio_head_init_batches=0")
     assert result.returncode != 0
     assert "consecutive non-finite losses" in result.stderr and "checkpoint saved" in result.stderr, \
         result.stderr[-2000:]

@@ -29,6 +29,18 @@ def small_model_config(dropout: bool = True) -> dict:
     return cfg
 
 
+def minilm_vocab_net():
+    """`CLSPNet(small_model_config(dropout=False))` with a BERT text tower over the MiniLM vocabulary, so real
+    captions tokenized by the MiniLM tokenizer fit."""
+    from flax import nnx
+
+    from clsp_jax.models.clsp import CLSPNet
+
+    cfg = small_model_config(dropout=False)
+    cfg["text"].update(vocab_size=30522, pad_token_id=0, model_type="bert", max_position_embeddings=128)
+    return CLSPNet(cfg, rngs=nnx.Rngs(0))
+
+
 def tone_batch(batch_size: int, captions: int, *, seconds: float = 0.5, text_len: int = 12, bos: bool = True,
                padded: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
     """A batch in the train step's layout: clip i is the tone 0.3 sin(2pi (200 + 150 i) t)(1 + sin(2pi (i+1) t))
