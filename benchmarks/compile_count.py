@@ -6,7 +6,7 @@ after the first pass.
 
 Runs `--epochs` epochs (data.num_epochs) of the train pipeline through the step built as the trainer
 builds it (`benchmarks.train_step.build_step`, host batches converted by the trainer's own
-`_device_batch`). Compilations are XLA backend compiles reported by `jax.monitoring` while the step is
+`device_batch`). Compilations are XLA backend compiles reported by `jax.monitoring` while the step is
 called (and the jit's cache size at the end). Without `--data-dir` a `--corpus-clips` espeak-ng corpus is
 synthesised in a temporary dir. On a CPU keep batches small (e.g. data.max_audio_seconds_per_batch=15);
 the count depends on the shapes, not on the model's depth, so shrinking the towers is fair too.
@@ -24,12 +24,11 @@ from collections.abc import Sequence
 import jax
 
 from benchmarks import common, train_step
-from clsp_jax import sharding
+from clsp_jax import losses, sharding
 from clsp_jax.data import buckets
 from clsp_jax.data.pipeline import make_train_iterator
 from clsp_jax.tokenizer import CaptionTokenizer
-from clsp_jax.train.step import captions_per_clip
-from clsp_jax.train.trainer import _device_batch, build_net
+from clsp_jax.train.trainer import build_net, device_batch, resolve_config
 
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's event name
@@ -49,7 +48,7 @@ class CompileCounter:
 
 def run(args, config) -> dict:
     d, t = config.data, config.train
-    captions = captions_per_clip(t.objective)
+    captions = losses.OBJECTIVES[config.loss.objective].captions
     counter = CompileCounter()
     with tempfile.TemporaryDirectory(prefix="clsp_compile_count_") as tmp:
         data_dir = args.data_dir or common.synthetic_data(tmp, args.corpus_clips)
@@ -64,7 +63,7 @@ def run(args, config) -> dict:
         steps, shapes = [], {}
         start = time.perf_counter()
         for host in data:
-            batch = _device_batch(host, mesh, captions)
+            batch = device_batch(host, mesh, captions)
             shape = (tuple(batch["audio"].shape), tuple(batch["input_ids"].shape))
             before = len(counter.events)
             counter.active = True
@@ -111,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--json")
     args, rest = p.parse_known_args(argv)
-    config = common.load_config(rest)
+    config = resolve_config(common.load_config(rest))
     result = run(args, config)
     common.write_json(args.json, result)
     sys.exit(0 if result["ok"] else 1)

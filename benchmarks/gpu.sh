@@ -5,7 +5,7 @@
 #   benchmarks/gpu.sh [OUT_DIR]      -> OUT_DIR/train_step_base_gpu.json (default benchmarks/results)
 #
 # Needs a CUDA build of jaxlib in the environment (pip install "jax[cuda12]==<the installed jax version>");
-# finishes in under 8 minutes (hard limit 480 s) on an H100/H200-class GPU.
+# the step benchmark is stopped after 480 s. Figures and the command's place: BENCHMARKS.md, "GPU".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results}"

@@ -2,12 +2,12 @@
 
     python -m benchmarks.loss_scaling [--batches 64 256 1024 4096] [--dim 512] [--iters 3] [--json OUT]
 
-For each loss (clip, multi_positive with K=2 captions, sigmoid = the SigLIP ppermute ring) and global batch
-B over a (data=8) mesh, the jitted loss + gradient w.r.t. the embeddings (and temperature) is compiled and
-timed; memory is XLA's per-device buffer assignment (`memory_analysis()`). The softmax losses hold the
+For each loss (infonce, multi_positive with K=2 captions, siglip = the sigmoid loss's ppermute ring) and
+global batch B over a (data=8) mesh, the jitted loss + gradient w.r.t. the embeddings (and temperature) is
+compiled and timed; memory is XLA's per-device buffer assignment (`memory_analysis()`). The softmax losses hold the
 local rows against every column, [B/8, K*B] logits per device (so memory grows with B^2/8); the sigmoid
 ring holds one [B/8, B/8] block at a time. "logits MiB" is that analytic size of one float32 logits block
-set: clip B_l*B, multi_positive 2*K*B_l*B (both directions), sigmoid B_l*B_l. "gathered MiB" is the
+set: infonce B_l*B, multi_positive 2*K*B_l*B (both directions), siglip B_l*B_l. "gathered MiB" is the
 all-gathered features each device holds for the softmax losses (audio + text, [B, D] each, text [B, K, D]
 for multi_positive) and, for the ring, the text blocks its rematerialised scan saves ((devices-1) x
 [B_l, D]); at D=512 these dominate the logits until B_l ~ D.
@@ -44,23 +44,24 @@ def _inputs(name: str, batch: int, dim: int):
     if name == "multi_positive":
         return (audio, unit(jax.random.normal(keys[1], (batch, CAPTIONS, dim))), scale), (0, 1, 2)
     text = unit(jax.random.normal(keys[1], (batch, dim)))
-    if name == "sigmoid":
+    if name == "siglip":
         return (audio, text, jnp.asarray(10.0, jnp.float32), jnp.asarray(-10.0, jnp.float32)), (0, 1, 2, 3)
     return (audio, text, scale), (0, 1, 2)
 
 
-LOSSES = {"clip": losses.clip_loss, "multi_positive": losses.multi_positive_loss, "sigmoid": losses.sigmoid_loss}
+# Named as the objectives that train with them (clsp_jax.losses.OBJECTIVES).
+LOSSES = {"infonce": losses.infonce_loss, "multi_positive": losses.multi_positive_loss, "siglip": losses.sigmoid_loss}
 
 
 def logits_bytes(name: str, batch: int) -> int:
     local = batch // _DEVICES
-    return 4 * {"clip": local * batch, "multi_positive": 2 * CAPTIONS * local * batch, "sigmoid": local * local}[name]
+    return 4 * {"infonce": local * batch, "multi_positive": 2 * CAPTIONS * local * batch, "siglip": local * local}[name]
 
 
 def gathered_bytes(name: str, batch: int, dim: int) -> int:
     local = batch // _DEVICES
-    return 4 * dim * {"clip": 2 * batch, "multi_positive": (1 + CAPTIONS) * batch,
-                      "sigmoid": (_DEVICES - 1) * local}[name]
+    return 4 * dim * {"infonce": 2 * batch, "multi_positive": (1 + CAPTIONS) * batch,
+                      "siglip": (_DEVICES - 1) * local}[name]
 
 
 def measure(name: str, batch: int, dim: int, mesh, warmup: int, iters: int) -> dict:

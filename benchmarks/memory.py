@@ -51,10 +51,13 @@ def run(args, config) -> dict:
     from flax import nnx
 
     from benchmarks import common
-    from clsp_jax import optim, sharding
+    from clsp_jax import losses, optim, sharding
     from clsp_jax.models.clsp import CLSPNet
-    from clsp_jax.train.step import captions_per_clip, make_train_step, state_from_params
-    from clsp_jax.train.trainer import DTYPES
+    from clsp_jax.train.state import state_from_params, state_shardings
+    from clsp_jax.train.step import make_train_step
+    from clsp_jax.train.trainer import DTYPES, resolve_config
+
+    config = resolve_config(config)  # the objective (from data.stage unless loss.objective names one)
 
     t = config.train
     if args.remat:
@@ -70,7 +73,7 @@ def run(args, config) -> dict:
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), params)
     ema = config.optim.get("ema_decay") is not None
     state = jax.eval_shape(lambda p: state_from_params(p, tx, ema), params)
-    shardings = sharding.param_shardings(state, mesh)
+    shardings = state_shardings(state, mesh)
 
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     state_bytes = {k: _bytes_per_device(state[k], shardings[k]) for k in ("params", "opt_state", "ema")}
@@ -87,14 +90,14 @@ def run(args, config) -> dict:
         "mesh": dict(mesh.shape),
         "compute_dtype": t.compute_dtype,
         "remat": config.model.get("remat", "none"),
-        "objective": t.objective,
+        "objective": config.loss.objective,
         "parameters": n_params,
         "state_bytes_per_device": state_bytes,
         "largest_replicated": replicated,
         "check_no_large_replicated": check,
     }
     if not args.no_compile:
-        captions = captions_per_clip(t.objective)
+        captions = losses.OBJECTIVES[config.loss.objective].captions
         b, n, l = args.batch_clips, round(args.clip_seconds * config.data.sample_rate), args.text_length
         batch = {"audio": ((b, n), jnp.float32), "audio_lens": ((b,), jnp.int32),
                  "input_ids": ((b, captions, l), jnp.int32), "attention_mask": ((b, captions, l), jnp.int32)}
@@ -104,9 +107,11 @@ def run(args, config) -> dict:
                  for k, (shape, dt) in batch.items()}
         abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                       state, shardings)
-        step_cfg = dict(t.to_dict(), ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen))
-        step = sharding.jit_train_step(make_train_step(graphdef, rest, tx, schedule, step_cfg, mesh), shardings,
-                                       mesh)
+        step_fn = make_train_step(graphdef, rest, tx, schedule, objective=config.loss.objective,
+                                  loss_cfg=config.loss.to_dict(), seed=int(t.seed),
+                                  ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen),
+                                  mesh=mesh)
+        step = sharding.jit_train_step(step_fn, shardings, mesh)
         start = time.perf_counter()
         compiled = step.lower(abstract_state, batch).compile()
         result["compile_s"] = round(time.perf_counter() - start, 1)

@@ -4,10 +4,12 @@
         --text-length 112 --steps 3 --warmup 1] [--breakdown] [--remat layer] [--json OUT]
         [--config.key=value ...]
 
-The network, optimizer, state, shardings and jitted step are built as `clsp_jax.train.trainer` builds them
-(`build_net`, `optim.make_optimizer`, `init_state`, `sharding.param_shardings`, `make_train_step`,
-`sharding.jit_train_step`), over a synthetic batch of the given shape (no data needed). Defaults: the
-config's bucket batch for `--clip-seconds`, its text length and objective. With `train.cache_text_states`
+The config is resolved as the trainer resolves it (`trainer.resolve_config`: the objective follows
+`data.stage` unless `loss.objective` names one). The network, optimizer, state, shardings and jitted step
+are built as `clsp_jax.train.trainer` builds them (`build_net`, `optim.make_optimizer`,
+`clsp_jax.train.state`, `make_train_step`, `sharding.jit_train_step`), over a synthetic batch of the given
+shape (no data needed). Defaults: the config's bucket batch for `--clip-seconds`, its text length and
+objective. With `train.cache_text_states`
 the batch carries random text states [B, C, H] in place of the tokens, as the trainer sends its cached
 [CLS] states, so the text encoder below the pooler is not in the step; the cache's one-time build is
 reported as analytic FLOPs per caption only (not run).
@@ -33,13 +35,14 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common, flops
-from clsp_jax import optim, sharding
+from clsp_jax import losses, optim, sharding
 from clsp_jax.data import buckets
 from clsp_jax.features import fbank
 from clsp_jax.models.clsp import CLSPNet
-from clsp_jax.train.step import OBJECTIVES, captions_per_clip, init_state, make_train_step
+from clsp_jax.train import state as train_state
+from clsp_jax.train.step import make_train_step
 from clsp_jax.train.text_cache import check_cacheable
-from clsp_jax.train.trainer import DTYPES, build_net
+from clsp_jax.train.trainer import DTYPES, build_net, resolve_config
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -58,17 +61,17 @@ def parse_args(argv: Sequence[str] | None = None):
     if args.remat:
         with config.unlocked():
             config.model.remat = args.remat
-    return args, config
+    return args, resolve_config(config)
 
 
 def batch_shape(config, args) -> tuple[int, int, int, int]:
     """(clips, samples per clip, captions per clip, tokens per caption)."""
-    d, t = config.data, config.train
+    d = config.data
     samples = round(args.clip_seconds * d.sample_rate)
     clips = args.batch_clips or buckets.bucket_batch_sizes([args.clip_seconds], d.max_audio_seconds_per_batch,
                                                            d.batch_size_multiple)[0]
     length = args.text_length or d.text_fixed_length or max(d.text_length_buckets)
-    return clips, samples, captions_per_clip(t.objective), length
+    return clips, samples, losses.OBJECTIVES[config.loss.objective].captions, length
 
 
 def synthetic_batch(clips: int, samples: int, captions: int, length: int, vocab: int, stage: int,
@@ -105,7 +108,7 @@ def time_component(name: str, module: nnx.Module, prefix: str, call: Callable, i
     """
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
-    trains = [not flops.is_frozen(frozen, "/".join(filter(None, (prefix, sharding.path_str(path)))))
+    trains = [not flops.is_frozen(frozen, "/".join(filter(None, (prefix, optim.param_path(path)))))
               for path, _ in leaves]
     trainable = [x for (_, x), t in zip(leaves, trains) if t]
     fixed = [x for (_, x), t in zip(leaves, trains) if not t]
@@ -228,16 +231,22 @@ def breakdown(net, config, host: dict, shape: dict, args) -> list[dict]:
     add(time_component("text", text, "", text_call, text_inputs, [], frozen, seed, warmup, iters), counted, "text",
         True)
 
-    loss_fn = OBJECTIVES[config.train.objective][0]
+    objective = losses.OBJECTIVES[config.loss.objective]
     joint = net.audio_projection["2"].out_features
     keys = jax.random.split(jax.random.key(1), 2)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     audio_emb = unit(jax.random.normal(keys[0], (b, joint)))
     text_emb = unit(jax.random.normal(keys[1], (b, c, joint)))
     extra = {"negative_valid": jnp.ones(b, bool)} if config.data.stage == 3 else {}
-    step_cfg = config.train.to_dict()
-    loss_module = nnx.Dict({"logit_scale": net.logit_scale})  # the only parameter the loss sees
-    loss_call = lambda m, a, t, rngs: loss_fn(a, t, jnp.exp(m["logit_scale"][...]), extra, step_cfg, None)[0]
+    loss_cfg = config.loss.to_dict()
+    # The only parameters the loss sees: the temperature, and the bias of objectives that have one.
+    loss_params = {"logit_scale": net.logit_scale}
+    if objective.logit_bias:
+        loss_params["logit_bias"] = net.logit_bias
+    loss_module = nnx.Dict(loss_params)
+    loss_call = lambda m, a, t, rngs: objective.loss(
+        a, t, jnp.exp(m["logit_scale"][...]), m["logit_bias"][...] if objective.logit_bias else None, extra,
+        loss_cfg, None)[0]
     add(time_component("loss", loss_module, "", loss_call, [audio_emb, text_emb], [0, 1], [], seed, warmup, iters),
         counted, "loss", True)
     return rows
@@ -250,12 +259,13 @@ def build_step(config, net, mesh) -> tuple[Callable, dict]:
     """(jitted step, train state) of `net` as the trainer builds them; the step donates the state."""
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), params)
-    state = init_state(net, tx, ema=config.optim.get("ema_decay") is not None)
-    shardings = sharding.param_shardings(state, mesh)
+    state = train_state.init_state(net, tx, ema=config.optim.get("ema_decay") is not None)
+    shardings = train_state.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
-    step_cfg = dict(config.train.to_dict(), ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen))
-    step = sharding.jit_train_step(make_train_step(graphdef, rest, tx, schedule, step_cfg, mesh), shardings, mesh)
-    return step, state
+    step_fn = make_train_step(graphdef, rest, tx, schedule, objective=config.loss.objective,
+                              loss_cfg=config.loss.to_dict(), seed=int(config.train.seed),
+                              ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen), mesh=mesh)
+    return sharding.jit_train_step(step_fn, shardings, mesh), state
 
 
 def run(args, config) -> dict:
@@ -269,7 +279,7 @@ def run(args, config) -> dict:
     text = f"cached text states [{hidden}]" if cached else f"{length} tokens"
     print(f"machine: {info}")
     print(f"batch: {clips} clips x {samples / config.data.sample_rate:.2f} s ({audio_seconds:.0f} s audio), "
-          f"{captions} captions x {text}; objective {t.objective}; dtype {t.compute_dtype}; "
+          f"{captions} captions x {text}; objective {config.loss.objective}; dtype {t.compute_dtype}; "
           f"remat {config.model.get('remat', 'none')}", flush=True)
 
     peak = common.peak_matmul_flops(dtype, args.peak_size or common.default_peak_size())
@@ -280,7 +290,7 @@ def run(args, config) -> dict:
     build_s = time.perf_counter() - start
     if cached:  # as the trainer's check_config: only a text encoder frozen below its pooler is cached
         params = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(net, nnx.Param)))[0]
-        check_cacheable([sharding.path_str(p) for p, _ in params], list(config.optim.frozen), int(config.data.stage))
+        check_cacheable([optim.param_path(p) for p, _ in params], list(config.optim.frozen), int(config.data.stage))
     mesh = sharding.make_mesh(sharding.parse_mesh_shape(t.mesh, jax.device_count()))
     host = synthetic_batch(clips, samples, captions, length, int(config.model.text.vocab_size),
                            int(config.data.stage), seed=int(t.seed), text_hidden=hidden if cached else 0)
@@ -315,8 +325,8 @@ def run(args, config) -> dict:
     result = {
         "benchmark": "train_step",
         "machine": info,
-        "config": {"objective": t.objective, "compute_dtype": t.compute_dtype, "remat": config.model.get("remat", "none"),
-                   "mesh": list(mesh.shape.values()), "frozen": list(config.optim.frozen),
+        "config": {"objective": config.loss.objective, "compute_dtype": t.compute_dtype,
+                   "remat": config.model.get("remat", "none"), "mesh": list(mesh.shape.values()), "frozen": list(config.optim.frozen),
                    "cache_text_states": cached},
         "batch": {"clips": clips, "clip_seconds": samples / config.data.sample_rate, "captions": captions,
                   "text_length": length, "text_states_cached": cached, "audio_seconds": audio_seconds},

@@ -1,8 +1,18 @@
-"""PyTorch state dicts <-> NNX parameters.
+"""PyTorch state dicts <-> NNX parameters, and loading PyTorch checkpoints into a `CLSPNet`.
 
 Our module trees mirror the PyTorch module trees (see `torch_name`), so one rule maps every parameter and
 no per-model name tables exist. Supported sources: a mapping name -> array, a `.safetensors` file, or a torch
 `.pt`/`.pth`/`.bin` file read with `weights_only=True` (never unpickling arbitrary objects).
+
+Into a `CLSPNet` (`load_clsp`, `load_text_tower`, `load_speech_tower`):
+- CLSP (icefall `spear_roberta` CLAP names, optionally under `model.` as in the Hugging Face release).
+- Text tower alone: a plain Hugging Face RobertaModel / BertModel state dict (names optionally under
+  `roberta.` / `bert.`).
+- Speech tower alone: a SPEAR checkpoint (`encoder_embed.*`, `encoder.*`).
+
+Each load is strict: every tensor consumed, every parameter filled, or a ValueError naming them. A network
+with a logit bias (model config `logit_bias_init`) reads and writes it as the tensor `logit_bias` beside
+`logit_scale`; one without has exactly the authors' names.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from clsp_jax.models.clsp import TORCH_MOUNTS, CLSPNet
 
 # The last path element of an NNX param -> the PyTorch parameter name.
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -148,6 +160,7 @@ def load_torch_state(
     for var, value in new:
         var.set_value(value)
 
+
 def torch_state_dict(module: nnx.Module, prefix: str = "", mounts: Mapping[str, str] | None = None
                      ) -> dict[str, np.ndarray]:
     """All `nnx.Param`s of `module` as a PyTorch-named, PyTorch-layout float32 state dict."""
@@ -157,3 +170,33 @@ def torch_state_dict(module: nnx.Module, prefix: str = "", mounts: Mapping[str, 
         out[prefix + torch_name(path, mounts)] = np.array(to_torch_layout(path, np.asarray(var[...], np.float32)),
                                                           order="C")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch checkpoints into a CLSPNet.
+
+# Hugging Face buffers that are not parameters.
+_HF_BUFFERS = ("position_ids", "token_type_ids")
+
+
+def _clsp_state_dict(source, prefixes=("model.",)) -> dict[str, np.ndarray]:
+    state_dict = read_state_dict(source)
+    for prefix in prefixes:
+        state_dict = strip_prefix(state_dict, prefix)
+    return state_dict
+
+
+def load_clsp(net: CLSPNet, source) -> None:
+    """Fills all of `net` from an authors' CLSP checkpoint (mapping, .safetensors or .pt)."""
+    load_torch_state(net, _clsp_state_dict(source), ignore=_HF_BUFFERS, mounts=TORCH_MOUNTS)
+
+
+def load_text_tower(net: CLSPNet, source) -> None:
+    """Fills `net.text_encoder` from a Hugging Face RoBERTa/BERT checkpoint."""
+    state_dict = _clsp_state_dict(source, ("model.", "text_encoder.", "roberta.", "bert."))
+    load_torch_state(net.text_encoder, state_dict, ignore=_HF_BUFFERS)
+
+
+def load_speech_tower(net: CLSPNet, source) -> None:
+    """Fills `net.speech` (Conv2dSubsampling + Zipformer2) from a SPEAR checkpoint."""
+    load_torch_state(net.speech, _clsp_state_dict(source))

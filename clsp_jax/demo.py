@@ -10,9 +10,11 @@ latest checkpoint. Outputs go to --out (default demo_out/).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 
 
@@ -36,7 +38,7 @@ def synthesise(out: str, num_clips: int, seed: int) -> str:
 
 
 def prepare(corpus: str, out: str) -> str:
-    from data_prep.fcaps_tfds import existing_splits, builder_dir
+    from clsp_jax.data.fcaps_format import builder_dir, existing_splits
     from data_prep.prepare import BuildSettings, prepare as prepare_split
 
     data_dir = os.path.join(out, "data")
@@ -72,7 +74,7 @@ def evaluate(workdir: str, data_dir: str) -> dict:
     from clsp_jax.evals import RetrievalEvaluator, ZeroShotEvaluator, model_embed_fns, paper_task
     from clsp_jax.inference import CLSP
     from clsp_jax.train.checkpoint import restore_params
-    from clsp_jax.train.evaluation import _gender_labels
+    from clsp_jax.train.evaluation import gender_labels
     from configs.tiny import get_config
 
     params, config, step = restore_params(workdir)
@@ -82,7 +84,7 @@ def evaluate(workdir: str, data_dir: str) -> dict:
                                 process_index=jax.process_index(), process_count=jax.process_count())
     fns = model_embed_fns(model)
     metrics = RetrievalEvaluator(batches).run(*fns)
-    gender = {"gender": paper_task("ravdess_gender", _gender_labels(data_dir, "test", "fcaps"))}
+    gender = {"gender": paper_task("ravdess_gender", gender_labels(data_dir, "test", "fcaps"))}
     metrics.update(ZeroShotEvaluator(batches, gender, model.tokenizer).run(*fns))
     metrics["step"] = step
     return metrics, model, batches
@@ -139,6 +141,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-steps", type=int, default=None, help="training steps (default: configs/tiny.py)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:  # needed only by the last stage: say so before training
+        sys.exit("clsp_jax.demo: matplotlib (the demo's plots) is not installed: pip install -e '.[demo]'")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)  # an import has already given the root logger a handler
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -27,7 +27,6 @@ skipped. Exit code 2 for bad arguments, or when audio was given and none of it c
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clsp_jax import cli
 from clsp_jax.evals import sources
 from clsp_jax.inference import CLSP
 
@@ -43,13 +43,8 @@ from clsp_jax.inference import CLSP
 MAX_TABLE_ROWS = 50
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ValueError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m clsp_jax.embed", description=__doc__.split("\n\n")[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m clsp_jax.embed", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="a CLSP.save folder, or a .safetensors file with config.json + tokenizer.json beside it")
     audio = p.add_mutually_exclusive_group()
@@ -171,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"none of the {len(paths)} audio files could be embedded; first failure: "
                                  f"{next(iter(failures.items()))}")
     except (ValueError, OSError) as e:
-        print(f"clsp_jax.embed: error: {e}", file=sys.stderr)
-        return 2
+        return cli.usage_error("clsp_jax.embed", e)
     out.mkdir(parents=True, exist_ok=True)
     kept = []
     if paths:

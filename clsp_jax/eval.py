@@ -6,7 +6,7 @@
         --audio-root RAVDESS [--label-field emotion|gender|age_bin] [--ensemble max|mean]
     python -m clsp_jax.eval --checkpoint DIR --task similarity --ratings ratings.csv [--audio-root AUDIO]
 
-Manifests are Lhotse MonoCut JSONL(.gz) (data_prep.eval_sets writes the paper's sets); their audio is
+Manifests are Lhotse MonoCut JSONL(.gz) (`python -m data_prep.eval_sets` writes the paper's sets); their audio is
 decoded from the files (relative paths against --audio-root, default the manifest's folder) and
 resampled to 16 kHz. Retrieval uses the first global and the last fine-grained caption of each clip
 (after the authors' caption selection); zero-shot runs the paper's prompts of every task of --dataset
@@ -15,11 +15,13 @@ resampled to 16 kHz. Retrieval uses the first global and the last fine-grained c
 Writes OUT/results.json (metrics, counts, skipped and failed clips) and OUT/results.md (the table, also
 printed); OUT defaults to ./eval_<task>. Audio that is missing or cannot be decoded is skipped, counted
 and listed. Bad arguments or missing files: a one-line error and exit code 2.
+
+--data-dir and --out may be `gs://` URLs (read and written through etils.epath); the checkpoint, manifests,
+ratings and audio are local files.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import logging
@@ -28,11 +30,15 @@ import os
 import sys
 from pathlib import Path
 
-from clsp_jax.data import default_config, make_eval_batches
+from etils import epath
+
+from clsp_jax import cli, storage
+from clsp_jax.data import fcaps_format
+from clsp_jax.data.config import default_config
+from clsp_jax.data.pipeline import make_eval_batches
 from clsp_jax.evals import evaluators, sources
+from clsp_jax.evals.prompts import ZERO_SHOT_TASKS
 from clsp_jax.inference import CLSP
-from data_prep import fcaps_tfds
-from data_prep.eval_sets import ZERO_SHOT_TASKS
 
 TASKS = ("retrieval", "zeroshot", "similarity")
 DATASETS = ("ravdess", "cremad", "iemocap")
@@ -40,20 +46,14 @@ LABEL_FIELDS = ("emotion", "gender", "age_bin")
 RETRIEVAL_KINDS = ("global", "finegrained")
 
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ValueError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m clsp_jax.eval", description=__doc__.split("\n\n")[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m clsp_jax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a CLSP.save directory (config.json, params/, tokenizer.json)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--manifest", help="Lhotse MonoCut manifest (.jsonl or .jsonl.gz)")
     p.add_argument("--data-dir", help="TFDS data dir of a prepared split (retrieval)")
     p.add_argument("--split", help="TFDS split name (with --data-dir)")
-    p.add_argument("--name", default=fcaps_tfds.DEFAULT_NAME, help="TFDS dataset name (with --data-dir)")
+    p.add_argument("--name", default=fcaps_format.DEFAULT_NAME, help="TFDS dataset name (with --data-dir)")
     p.add_argument("--audio-root", help="root of relative audio paths (default: the manifest's / CSV's folder)")
     p.add_argument("--dataset", choices=DATASETS, help="zero-shot dataset (selects the paper's tasks)")
     p.add_argument("--label-field", choices=LABEL_FIELDS, help="zero-shot: only the task of this label")
@@ -65,13 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _local(path: str, what: str) -> None:
+    if storage.is_remote(path):
+        raise ValueError(f"{what} {path}: a local path is needed here (copy it first, e.g. gcloud storage cp -r)")
+
+
 def _existing_file(path: str, what: str) -> Path:
+    _local(path, what)
     if not Path(path).is_file():
         raise ValueError(f"{what} {path} does not exist")
     return Path(path)
 
 
 def _check_args(args) -> None:
+    _local(args.checkpoint, "--checkpoint")
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise ValueError(f"--checkpoint {args.checkpoint} is not a saved CLSP (no config.json)")
     if args.batch_size < 1:
@@ -83,7 +90,7 @@ def _check_args(args) -> None:
             _existing_file(args.manifest, "--manifest")
         elif not (args.data_dir and args.split):
             raise ValueError("--data-dir and --split go together")
-        elif not Path(args.data_dir).is_dir():
+        elif not epath.Path(args.data_dir).is_dir():
             raise ValueError(f"--data-dir {args.data_dir} does not exist")
     elif args.task == "zeroshot":
         if not args.dataset:
@@ -95,6 +102,8 @@ def _check_args(args) -> None:
         if not args.ratings:
             raise ValueError("similarity needs --ratings (a CSV of rated pairs)")
         _existing_file(args.ratings, "--ratings")
+    if args.audio_root:
+        _local(args.audio_root, "--audio-root")
     if args.audio_root and not Path(args.audio_root).is_dir():
         raise ValueError(f"--audio-root {args.audio_root} does not exist")
 
@@ -234,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"no clip could be evaluated ({report.get('num_failed', 0)} of "
                              f"{report.get('num_clips', 0)} failed to load; see the warnings above)")
     except (ValueError, FileNotFoundError) as e:
-        print(f"clsp_jax.eval: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out or f"eval_{args.task}")
+        return cli.usage_error("clsp_jax.eval", e)
+    out = epath.Path(args.out or f"eval_{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     inputs = {k: getattr(args, k) for k in ("manifest", "data_dir", "split", "audio_root", "dataset",
                                              "label_field", "ratings") if getattr(args, k)}

@@ -7,43 +7,45 @@
 - `orbax`: OUT is a folder that `CLSP.load(OUT)` reads (params/, config.json, tokenizer.json).
 - `torch`: OUT is a `.safetensors` file under the icefall CLSP state-dict names and layouts (those of
   `CLSP.torch_state_dict()`), which the authors' PyTorch network loads with `load_state_dict(strict=True)`;
-  `config.json` (`{"speech", "text", "joint_dim"}`, the reference fixtures' format) and the run's
-  `tokenizer.json` are written beside it, so `CLSP.from_torch(OUT, config, tokenizer=folder)` loads it too.
+  `config.json` (`{"speech", "text", "joint_dim"}`, the reference fixtures' format, plus `logit_bias_init`
+  for a SigLIP-trained model) and the run's `tokenizer.json` are written beside it, so `CLSP.from_torch(OUT, config, tokenizer=folder)` loads it too.
 
 `--step` picks the checkpoint (default the latest); `--average-last N` takes the float32 mean of the N
 saved checkpoints ending at that step (the authors evaluate such averages); `--ema` takes the EMA weights
 saved with each checkpoint (train with optim.ema_decay set). Bad arguments, a work dir without
 checkpoints, a missing step or an unusable OUT: a one-line error and exit code 2.
+
+RUN may be a `gs://` URL (read through etils.epath and Orbax); OUT is a local path (copy the export to a
+bucket afterwards with `gcloud storage cp -r`).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 from absl import logging as absl_logging
 
+from clsp_jax import cli, storage
 from clsp_jax.inference import CLSP
 from clsp_jax.train import checkpoint
 
 FORMATS = ("orbax", "torch")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ValueError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m clsp_jax.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="the training run's folder (config.json, checkpoints/)")
-    p.add_argument("--out", required=True, help="orbax: a folder; torch: a .safetensors file")
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m clsp_jax.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True,
+                   help="the training run's folder or gs:// URL (config.json, checkpoints/)")
+    p.add_argument("--out", required=True, help="orbax: a local folder; torch: a local .safetensors file")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--average-last", type=int, default=1, metavar="N",
@@ -80,21 +82,28 @@ def average_params(workdir: str, steps: list[int], use_ema: bool = False):
 
 
 def _check_workdir(workdir: str) -> None:
-    if not os.path.isdir(workdir):
+    run = storage.resolve(workdir)
+    if not run.is_dir():
         raise ValueError(f"--workdir {workdir} does not exist")
-    config = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config):
+    config = run / "config.json"
+    if not config.is_file():
         raise ValueError(f"--workdir {workdir} has no config.json (not a training run's folder)")
-    with open(config) as f:
-        if not isinstance(json.load(f).get("model"), dict):
-            raise ValueError(f"{config} has no 'model' section")
+    if not isinstance(json.loads(config.read_text()).get("model"), dict):
+        raise ValueError(f"{config} has no 'model' section")
 
 
 def _check_out(out: str, fmt: str, workdir: str) -> None:
-    out, workdir = os.path.abspath(out), os.path.abspath(workdir)
-    inside = lambda path, folder: os.path.commonpath([path, folder]) == folder
-    if inside(out, checkpoint.checkpoint_dir(workdir)):
-        raise ValueError(f"--out {out} is inside the run's checkpoints folder")
+    if storage.is_remote(out):
+        raise ValueError(f"--out {out}: write the export to a local path, then copy it "
+                         "(gcloud storage cp -r OUT gs://...)")
+    out = os.path.abspath(out)
+    if storage.is_remote(workdir):  # a local OUT cannot be inside a remote run
+        workdir = None
+    else:
+        workdir = os.path.abspath(workdir)
+        inside = lambda path, folder: os.path.commonpath([path, folder]) == folder
+        if inside(out, os.fspath(checkpoint.checkpoint_dir(workdir))):
+            raise ValueError(f"--out {out} is inside the run's checkpoints folder")
     if fmt == "orbax":
         if out == workdir:
             raise ValueError("--out must not be the work dir itself (its config.json would be replaced)")
@@ -120,11 +129,31 @@ def write_torch(model: CLSP, out: str) -> None:
     os.makedirs(folder, exist_ok=True)
     # "format": "pt" is the metadata Hugging Face writes for PyTorch weights.
     save_file(model.torch_state_dict(), out, metadata={"format": "pt"})
-    config = {k: model.config[k] for k in ("speech", "text", "joint_dim")}
+    config = {k: model.config[k] for k in ("speech", "text", "joint_dim", "logit_bias_init")
+              if model.config.get(k) is not None}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     if model.tokenizer is not None:
         shutil.copyfile(model.tokenizer.path, os.path.join(folder, "tokenizer.json"))
+
+
+@contextlib.contextmanager
+def _local_tokenizer(workdir: str) -> Iterator[str | None]:
+    """The run's tokenizer.json as a local path (None if the run has none), for the duration of the export.
+
+    The export copies the file beside the weights; a remote run's is first downloaded to a temporary folder
+    (removed after), so the copy is a local one."""
+    remote = storage.resolve(workdir) / "tokenizer.json"
+    if not remote.is_file():
+        yield None
+    elif not storage.is_remote(workdir):
+        yield os.fspath(remote)
+    else:
+        with tempfile.TemporaryDirectory(prefix="clsp_export_") as tmp:
+            local = os.path.join(tmp, "tokenizer.json")
+            with open(local, "wb") as f:
+                f.write(remote.read_bytes())
+            yield local
 
 
 def export(workdir: str, out: str, fmt: str, step: int | None = None, average_last: int = 1,
@@ -133,8 +162,7 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, average_la
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose from {FORMATS}")
     _check_workdir(workdir)
-    tokenizer = os.path.join(workdir, "tokenizer.json")
-    if fmt == "orbax" and not os.path.isfile(tokenizer):
+    if fmt == "orbax" and not (storage.resolve(workdir) / "tokenizer.json").is_file():
         raise ValueError(f"--workdir {workdir} has no tokenizer.json (the orbax export carries it)")
     _check_out(out, fmt, workdir)
     manager = checkpoint.make_manager(workdir, read_only=True)
@@ -146,11 +174,12 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, average_la
         raise ValueError(f"--workdir {workdir} has no checkpoints under {checkpoint.checkpoint_dir(workdir)}")
     steps = select_steps(saved, step, average_last)
     params, config = average_params(workdir, steps, use_ema)
-    model = CLSP.from_params(params, config["model"], tokenizer if os.path.isfile(tokenizer) else None)
-    if fmt == "orbax":
-        model.save(out)
-    else:
-        write_torch(model, out)
+    with _local_tokenizer(workdir) as tokenizer:
+        model = CLSP.from_params(params, config["model"], tokenizer)
+        if fmt == "orbax":
+            model.save(out)
+        else:
+            write_torch(model, out)
     return steps
 
 
@@ -160,10 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         steps = export(args.workdir, args.out, args.format, args.step, args.average_last, args.ema)
     except (ValueError, OSError) as e:
-        print(f"clsp_jax.export: error: {e}", file=sys.stderr)
-        return 2
+        return cli.usage_error("clsp_jax.export", e)
     which = f"step {steps[0]}" if len(steps) == 1 else f"the average of steps {', '.join(map(str, steps))}"
-    print(f"exported {which} ({'EMA weights' if args.ema else 'weights'}) of {os.path.abspath(args.workdir)} "
+    print(f"exported {which} ({'EMA weights' if args.ema else 'weights'}) of {storage.resolve(args.workdir)} "
           f"to {os.path.abspath(args.out)} ({args.format})")
     return 0
 

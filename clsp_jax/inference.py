@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from clsp_jax import convert, weights
+from clsp_jax import convert
 from clsp_jax.features import SAMPLE_RATE, fbank
 from clsp_jax.models.clsp import TORCH_MOUNTS, CLSPNet, model_config
 from clsp_jax.tokenizer import CaptionTokenizer
@@ -87,12 +87,13 @@ class CLSP:
 
         Args:
           state_dict_or_path: mapping name -> array, `.safetensors`, or torch checkpoint (weights_only).
-          config: `{"speech": <icefall argument names>, "text": <HF config names>, "joint_dim"?}`.
+          config: `{"speech": <icefall argument names>, "text": <HF config names>, "joint_dim"?,
+            "logit_bias_init"?}`; with `logit_bias_init` set the checkpoint must hold a `logit_bias` tensor.
           tokenizer: a tokenizer.json path (or folder), a CaptionTokenizer, or None.
         """
         graphdef, shapes, rest = _abstract_net(config)
         net = _materialize(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), rest)
-        weights.load_clsp(net, state_dict_or_path)
+        convert.load_clsp(net, state_dict_or_path)
         return cls(net, config, _tokenizer(tokenizer))
 
     @classmethod
@@ -115,7 +116,8 @@ class CLSP:
         return cls(_materialize(graphdef, params, rest), config, _tokenizer(tokenizer))
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:
-        """The weights under the authors' PyTorch names and layouts (float32 numpy)."""
+        """The weights under the authors' PyTorch names and layouts (float32 numpy); a network with a logit
+        bias adds the scalar `logit_bias` beside `logit_scale` (the authors' network has none)."""
         return convert.torch_state_dict(self.net, mounts=TORCH_MOUNTS)
 
     # -- embedding ----------------------------------------------------------------------------------------
@@ -124,6 +126,12 @@ class CLSP:
     def logit_scale(self) -> float:
         """exp(logit_scale)."""
         return float(np.asarray(self.net.scale()))
+
+    @property
+    def logit_bias(self) -> float | None:
+        """The learnable logit bias of a siglip-trained network, added to scale * similarity; else None."""
+        bias = self.net.bias()
+        return None if bias is None else float(np.asarray(bias))
 
     def encode_features(self, features, feature_lens):
         """features [B, T, F] fbank, feature_lens [B] -> (frames [B, T', C], frame_lens [B])."""

@@ -1,4 +1,5 @@
-"""Contrastive objectives of CLSP (DESIGN.md §2): dense references and their sharded forms.
+"""Contrastive objectives of CLSP (docs/design.md §2): the losses, their sharded forms and the registry of
+objectives the train step picks from.
 
 Layout: every batch array has the clips on its leading axis, so one sharding rule (leading axis over the
 batch mesh axes) fits all of them:
@@ -12,7 +13,7 @@ batch mesh axes) fits all of them:
 The multi-positive similarity matrix is S = [B, K*B] with its columns k-major: column k*B + j is caption k
 of clip j, i.e. the captions as `jnp.swapaxes(text_emb, 0, 1).reshape(K * B, D)`, which is the authors'
 single-device order (all first captions, then all second ones). The losses do not depend on the column
-order; it only fixes what "row k*B+i" in DESIGN.md means here.
+order; it only fixes what "row k*B+i" in docs/design.md §2 means here.
 
 `logit_scale` is the already-exponentiated temperature, a scalar. Logits are float32 at full matmul
 precision whatever the embedding dtype: with scales up to 100 a bf16 matmul would move logits by ~0.4.
@@ -22,18 +23,27 @@ reference. Called with `axis_name` inside `jax.shard_map`, it gets the local cli
 the other side's features over `axis_name`, computes the loss rows of its own clips and captions and psums
 the sums, so the value is the dense global loss and the gradient reaches every device's features through
 the all_gather transpose (a reduce-scatter). `sharded(loss_fn, mesh)` does that wrapping.
+
+Directions: s2t = speech->text (a clip's row against the captions), t2s = text->speech (a caption's row
+against the clips), as in the evaluators' reports.
+
+Objectives: `OBJECTIVES` maps a name to an `Objective`, the loss in the train step's calling convention plus
+what it needs from the batch (captions per clip) and the network (a learnable logit bias). A config's
+`loss.objective` picks one; None takes the default of its data stage (`resolve_objective`). Adding an
+objective means writing its loss and one `OBJECTIVES` entry here, nothing else.
 """
 
+import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from clsp_jax.sharding import BATCH_AXES
 
 AxisName = str | tuple[str, ...] | None
 Metrics = dict[str, jax.Array]
@@ -92,7 +102,7 @@ def _check_batch(audio_emb, name: str, x, layout: str):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Softmax losses: stage 1 (clip_loss), stage 2 (multi_positive_loss), stage 3 (hard_negative_loss).
+# Softmax losses: stage 1 (infonce_loss), stage 2 (multi_positive_loss), stage 3 (hard_negative_loss).
 
 
 def _cross_entropy_rows(logits, positive, target, col_valid, row_valid):
@@ -125,10 +135,10 @@ def multi_positive_loss(
     *,
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Stage-2 multi-positive InfoNCE over S = [B, K*B] (DESIGN.md §2).
+    """Stage-2 multi-positive InfoNCE over S = [B, K*B] (docs/design.md §2).
 
-    Speech->text: clip i's soft target spreads over its K captions, 1/K each, or `weights[i]` normalised
-    over its valid captions. Text->speech: each caption's target is one-hot on its clip. The loss is the
+    Speech->text (s2t): clip i's soft target spreads over its K captions, 1/K each, or `weights[i]` normalised
+    over its valid captions. Text->speech (t2s): each caption's target is one-hot on its clip. The loss is the
     mean of the two cross-entropies, each averaged over its rows; with K=2 and no mask this is the authors'
     ClipLoss(multi_positive=True).
 
@@ -137,7 +147,7 @@ def multi_positive_loss(
     text->speech; a clip with no valid caption drops out of speech->text (it stays a negative clip).
     weights [B, K] >= 0: relative weight of each positive in the speech->text target.
     axis_name: batch mesh axes when called per device inside shard_map (see `sharded`); None = dense.
-    Metrics: loss_a2t, loss_t2a, acc_a2t (argmax is one of the clip's captions), acc_t2a, pos_logit /
+    Metrics: loss_s2t, loss_t2s, acc_s2t (argmax is one of the clip's captions), acc_t2s, pos_logit /
     neg_logit (mean logit over positive / negative pairs among valid captions), logit_scale.
     """
     _check_batch(audio_emb, "text_emb", text_emb, "[B, K, D]")
@@ -163,26 +173,26 @@ def multi_positive_loss(
     clip = _first_clip(n_local, axis_name) + jnp.arange(n_local)
 
     # Speech->text rows of the local clips against every caption, columns k-major.
-    s_a2t = _logits(audio_emb, jnp.swapaxes(all_text, 0, 1).reshape(k * n, d), logit_scale)
+    s_s2t = _logits(audio_emb, jnp.swapaxes(all_text, 0, 1).reshape(k * n, d), logit_scale)
     col_clip = jnp.tile(jnp.arange(n), k)
     col_k = jnp.repeat(jnp.arange(k), n)
     col_valid = jnp.swapaxes(all_valid, 0, 1).reshape(k * n)
     own = col_clip[None, :] == clip[:, None]
     target = jnp.where(own, w[:, col_k], 0.0)
-    a2t = _cross_entropy_rows(s_a2t, own, target, col_valid, w_total[:, 0] > 0)
+    s2t = _cross_entropy_rows(s_s2t, own, target, col_valid, w_total[:, 0] > 0)
 
     # Text->speech rows of the local captions (clip-major i*K + k) against every clip.
-    s_t2a = _logits(text_emb.reshape(n_local * k, d), all_audio, logit_scale)
+    s_t2s = _logits(text_emb.reshape(n_local * k, d), all_audio, logit_scale)
     own_clip = jnp.arange(n)[None, :] == jnp.repeat(clip, k)[:, None]
-    t2a = _cross_entropy_rows(s_t2a, own_clip, own_clip.astype(jnp.float32), True, valid.reshape(-1))
+    t2s = _cross_entropy_rows(s_t2s, own_clip, own_clip.astype(jnp.float32), True, valid.reshape(-1))
 
-    pair = jax.lax.stop_gradient(s_a2t)
+    pair = jax.lax.stop_gradient(s_s2t)
     pos = own & col_valid
     neg = ~own & col_valid
     sums = _psum(
         (
-            a2t,
-            t2a,
+            s2t,
+            t2s,
             jnp.sum(jnp.where(pos, pair, 0.0)),
             jnp.sum(pos.astype(jnp.float32)),
             jnp.sum(jnp.where(neg, pair, 0.0)),
@@ -190,22 +200,22 @@ def multi_positive_loss(
         ),
         axis_name,
     )
-    (ce_a2t, rows_a2t, hits_a2t), (ce_t2a, rows_t2a, hits_t2a), pos_sum, pos_n, neg_sum, neg_n = sums
-    loss_a2t = _ratio(ce_a2t, rows_a2t)
-    loss_t2a = _ratio(ce_t2a, rows_t2a)
+    (ce_s2t, rows_s2t, hits_s2t), (ce_t2s, rows_t2s, hits_t2s), pos_sum, pos_n, neg_sum, neg_n = sums
+    loss_s2t = _ratio(ce_s2t, rows_s2t)
+    loss_t2s = _ratio(ce_t2s, rows_t2s)
     metrics = {
-        "loss_a2t": loss_a2t,
-        "loss_t2a": loss_t2a,
-        "acc_a2t": _ratio(hits_a2t, rows_a2t),
-        "acc_t2a": _ratio(hits_t2a, rows_t2a),
+        "loss_s2t": loss_s2t,
+        "loss_t2s": loss_t2s,
+        "acc_s2t": _ratio(hits_s2t, rows_s2t),
+        "acc_t2s": _ratio(hits_t2s, rows_t2s),
         "pos_logit": _ratio(pos_sum, pos_n),
         "neg_logit": _ratio(neg_sum, neg_n),
         "logit_scale": jnp.asarray(logit_scale, jnp.float32),
     }
-    return 0.5 * (loss_a2t + loss_t2a), metrics
+    return 0.5 * (loss_s2t + loss_t2s), metrics
 
 
-def clip_loss(
+def infonce_loss(
     audio_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, *, axis_name: AxisName = None
 ) -> tuple[jax.Array, Metrics]:
     """Stage-1 symmetric InfoNCE: mean of the speech->text and text->speech cross-entropies, labels on the
@@ -302,7 +312,7 @@ def sigmoid_loss(
     [B_local, B_local] logits, and a rematerialised scan keeps the backward pass at one text block per step.
 
     audio_emb [B, D]; text_emb [B, D]; logit_scale, logit_bias scalars (scale exponentiated).
-    Metrics: pos_logit, neg_logit (mean logits incl. bias), acc_a2t, acc_t2a (argmax accuracy),
+    Metrics: pos_logit, neg_logit (mean logits incl. bias), acc_s2t, acc_t2s (argmax accuracy),
     logit_scale, logit_bias.
     """
     _check_batch(audio_emb, "text_emb", text_emb, "[B, D]")
@@ -345,7 +355,7 @@ def sigmoid_loss(
     (_, block_pos, col_max_neg), loss, neg_sum, row_max_neg = carry
 
     # Each device ends holding one text block whose column maxima have seen every clip.
-    loss, neg_sum, pos_sum, hits_a2t, hits_t2a = _psum(
+    loss, neg_sum, pos_sum, hits_s2t, hits_t2s = _psum(
         (
             loss,
             neg_sum,
@@ -359,8 +369,8 @@ def sigmoid_loss(
     metrics = {
         "pos_logit": pos_sum / n,
         "neg_logit": neg_sum / max(n * (n - 1), 1),
-        "acc_a2t": hits_a2t / n,
-        "acc_t2a": hits_t2a / n,
+        "acc_s2t": hits_s2t / n,
+        "acc_t2s": hits_t2s / n,
         "logit_scale": jnp.asarray(logit_scale, jnp.float32),
         "logit_bias": bias,
     }
@@ -411,3 +421,88 @@ def sharded(loss_fn: Callable, mesh: jax.sharding.Mesh, batch_axes: Sequence[str
         )(*arrays)
 
     return call
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry of objectives: what the train step calls.
+#
+# An objective's loss takes (audio_emb [B, D], text_emb [B, C, D], logit_scale, logit_bias, extras, cfg,
+# axis_name) -> (loss, metrics):
+#   text_emb   the batch's C captions per clip (C = Objective.captions); for stage 3 the hard negative last.
+#   logit_bias the network's learnable scalar bias, or None when the network has none.
+#   extras     the batch's optional per-clip arrays: caption_mask [B, C] bool, negative_valid [B] bool.
+#   cfg        the `loss` config section (objective, hard_negative_weight, hard_negative_positives, ...).
+#   axis_name  the batch mesh axes inside `sharded`, None for the dense loss.
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A trainable objective.
+
+    loss: (audio_emb [B, D], text_emb [B, C, D], logit_scale, logit_bias | None, extras, cfg, axis_name)
+      -> (loss, metrics), see above.
+    captions: captions per clip C the batch must carry; it is the data stage the objective trains on.
+    logit_bias: whether the loss needs the network's learnable logit_bias (model config `logit_bias_init`).
+    """
+
+    loss: Callable
+    captions: int
+    logit_bias: bool = False
+
+
+def _infonce(a, t, scale, bias, extras, cfg, axis_name):
+    return infonce_loss(a, t[:, 0], scale, axis_name=axis_name)
+
+
+def _multi_positive(a, t, scale, bias, extras, cfg, axis_name):
+    return multi_positive_loss(a, t, scale, extras.get("caption_mask"), axis_name=axis_name)
+
+
+def _hard_negative(a, t, scale, bias, extras, cfg, axis_name):
+    return hard_negative_loss(
+        a,
+        t[:, :-1],
+        t[:, -1],
+        scale,
+        float(cfg.get("hard_negative_weight", 0.2)),
+        tuple(cfg.get("hard_negative_positives", (0,))),
+        extras.get("negative_valid"),
+        axis_name=axis_name,
+    )
+
+
+def _siglip(a, t, scale, bias, extras, cfg, axis_name):
+    if bias is None:
+        raise ValueError("the siglip objective needs a network with a logit_bias (set model.logit_bias_init)")
+    return sigmoid_loss(a, t[:, 0], scale, bias, axis_name=axis_name)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "infonce": Objective(_infonce, captions=1),
+    "multi_positive": Objective(_multi_positive, captions=2),
+    "hard_negative": Objective(_hard_negative, captions=3),
+    "siglip": Objective(_siglip, captions=1, logit_bias=True),
+}
+# The objective a data stage trains with unless the config names another.
+STAGE_OBJECTIVES = {1: "infonce", 2: "multi_positive", 3: "hard_negative"}
+
+
+def resolve_objective(name: str | None, stage: int) -> str:
+    """The objective trained on `stage` data: `name`, or the stage's default when None.
+
+    Raises ValueError for an unknown stage or name, or an objective whose captions per clip differ from the
+    stage's (e.g. siglip needs stage 1).
+    """
+    if stage not in STAGE_OBJECTIVES:
+        raise ValueError(f"data.stage {stage!r}: choose from {sorted(STAGE_OBJECTIVES)}")
+    if name is None:
+        return STAGE_OBJECTIVES[stage]
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+    captions = OBJECTIVES[name].captions
+    if captions != stage:
+        raise ValueError(
+            f"objective {name!r} trains on data.stage={captions} ({captions} caption(s) per clip), "
+            f"got data.stage={stage}"
+        )
+    return name

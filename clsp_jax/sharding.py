@@ -1,4 +1,4 @@
-"""Device mesh, logical axis rules, sharded train state, the jitted sharded step and global batches.
+"""Device mesh, logical axis rules, parameter shardings, the jitted sharded step and global batches.
 
 The mesh has axes (data, fsdp, tensor). The batch is split over (data, fsdp); parameters are sharded over
 fsdp (ZeRO-3 style: each weight's "embed" dimension) and tensor (the "mlp"/"heads"/"vocab" dimension).
@@ -6,10 +6,10 @@ Which dimension of a weight is which logical axis follows from its path, by `LOG
 rules match the end of a path, so optimizer moments ("opt_state/.../mu/<param path>") and the EMA
 ("ema/<param path>") are sharded like their parameters: `param_shardings` takes the whole train state.
 
-Typical use (see `clsp_jax.train.trainer`):
+Typical use (see `clsp_jax.train.trainer`; the train state itself is `clsp_jax.train.state`):
 
-    state, shardings = init_sharded_state(make_net, tx, mesh, ema=False)
-    step = jit_train_step(make_train_step(graphdef, rest, tx, schedule, cfg, mesh), shardings, mesh)
+    state, shardings = init_sharded_state(make_net, tx, mesh)
+    step = jit_train_step(make_train_step(...), shardings, mesh)
     state, metrics = step(state, global_batch(host_batch, mesh))
 """
 
@@ -23,11 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-
-from clsp_jax.train.step import state_from_params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -72,10 +68,6 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = parse_mesh_shape(shape, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-
-
-def batch_size_per_shard(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def logical_axes(path: str, ndim: int) -> tuple:
@@ -161,31 +153,6 @@ def place(tree, shardings):
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(one, tree, shardings)
-
-
-def init_sharded_state(make_net: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
-                       ema: bool = False, *, jit_init: bool = False) -> tuple[dict, dict]:
-    """The train state of `make_net()` (`clsp_jax.train.step.init_state`) created in its shardings.
-
-    Returns (state, shardings). Optimizer state and EMA are built by a jit whose outputs land directly in
-    their shardings (no replicated copy ever exists). The parameters come from:
-      jit_init=False (default): `make_net()` run eagerly (it may load checkpoints), then `place`d. The net
-        exists once per process on its default device: fine up to a few billion parameters.
-      jit_init=True: `make_net()` traced under `jax.jit(out_shardings=...)`, so each device only ever
-        holds its shards (for models too big for one device). Random init only: nothing can be loaded.
-        XLA compiles every random draw on its own, so this compiles slowly: XLA:CPU takes 60 s for the 655
-        tensors of the reference fixture's network, against 8 s for the eager init.
-    """
-    def params_of(net):
-        return nnx.to_pure_dict(nnx.state(net, nnx.Param))
-
-    make_state = lambda: state_from_params(params_of(make_net()), tx, ema)
-    shardings = param_shardings(jax.eval_shape(make_state), mesh)
-    if jit_init:
-        return jax.jit(make_state, out_shardings=shardings)(), shardings
-    params = place(params_of(make_net()), shardings["params"])
-    state = jax.jit(lambda p: state_from_params(p, tx, ema), out_shardings=shardings, donate_argnums=0)(params)
-    return state, shardings
 
 
 def jit_train_step(step_fn: Callable, shardings, mesh: Mesh) -> Callable:

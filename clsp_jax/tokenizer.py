@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from etils import epath
 from tokenizers import Tokenizer
+
+from clsp_jax import storage  # noqa: F401  (its gcsfs settings, for a gs:// tokenizer.json)
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 
@@ -18,21 +21,21 @@ class CaptionTokenizer:
     """Wraps a tokenizer.json (RoBERTa BPE or BERT WordPiece) with the model's special tokens added.
 
     Args:
-      path: a tokenizer.json file, or a folder holding one.
+      path: a tokenizer.json file, or a folder holding one; local or a gs:// URL (read through etils.epath).
       buckets: allowed padded lengths, ascending; the last is the maximum (512 for roberta-base).
     """
 
     def __init__(self, path: str | os.PathLike, buckets=DEFAULT_BUCKETS):
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no tokenizer.json at {path}")
-        self.path = path
+        file = epath.Path(path)
+        if file.is_dir():
+            file = file / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {os.fspath(file)}")
+        self.path = os.fspath(file)  # as given (relative stays relative), a URL stays a URL
         self.buckets = tuple(sorted(int(b) for b in buckets))
         if not self.buckets or self.buckets[0] < 2:
             raise ValueError(f"token buckets must be lengths >= 2, got {buckets}")
-        self.tokenizer = Tokenizer.from_file(path)
+        self.tokenizer = Tokenizer.from_str(file.read_text(encoding="utf-8"))
         self.tokenizer.no_padding()
         self.pad_id = self._pad_id()
 

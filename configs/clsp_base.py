@@ -42,7 +42,8 @@ ROBERTA_BASE = dict(
 
 
 def get_config():
-    """Stage 1 on FCaps (global InfoNCE), the authors' recipe where it maps onto AdamW.
+    """Stage 1 on FCaps (InfoNCE, the objective data.stage 1 selects), the authors' recipe where it maps onto
+    AdamW.
 
     Pass --config.data.data_dir, --config.data.tokenizer (roberta-base tokenizer.json) and
     --config.train.init_speech / init_text (SPEAR, roberta-base) for a real run.
@@ -52,5 +53,4 @@ def get_config():
     config.data.max_audio_seconds_per_batch = 6400.0  # 800 s per GPU x 8 GPUs
     config.data.bucket_boundaries_s = (6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
     config.optim.total_steps = config.train.get_ref("num_steps")  # follows --config.train.num_steps
-    config.train.objective = "clip"
     return config

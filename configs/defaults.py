@@ -1,21 +1,27 @@
 """The sections every training config has; `configs/*.py` start from `base_config()` and change a few keys.
 
-Sections: model (the network), data (clsp_jax.data.default_config keys + data_dir, tokenizer), optim
-(clsp_jax.optim keys), train (the loop: mesh, objective, steps, logging, checkpoints, init), eval (evaluators
-run on the dev split during training).
+Sections: model (the network), data (clsp_jax.data.config keys + data_dir, tokenizer), optim
+(clsp_jax.optim_config keys), loss (the objective and its weights), train (the loop: mesh, steps, logging,
+checkpoints, init), eval (evaluators run on the dev split during training).
+
+Loading a config imports no jax, grain or TFDS (tests/test_layers.py checks it).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-from clsp_jax.data.pipeline import default_config as default_data_config
-from clsp_jax.optim import default_optim_config
+from clsp_jax.data.config import default_config as default_data_config
+from clsp_jax.optim_config import default_optim_config
 
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # remat: "none" | "layer" | "layer_save_dots" (per-layer rematerialisation, clsp_jax.models.remat)
-    config.model = ml_collections.ConfigDict({"remat": "none", **model})
+    # logit_bias_init None: the network has no logit_bias; the trainer sets it (from loss.logit_bias_init) for
+    # objectives that need one.
+    config.model = ml_collections.ConfigDict(
+        {"remat": "none", "logit_bias_init": config_dict.placeholder(float), **model}
+    )
 
     config.data = default_data_config()
     config.data.data_dir = config_dict.placeholder(str)  # prepared TFDS dir (python -m data_prep.prepare)
@@ -30,20 +36,27 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
     config.optim.steps_per_epoch = config_dict.placeholder(int)
     config.optim.ema_decay = config_dict.placeholder(float)
 
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            # None: follows data.stage (1 infonce, 2 multi_positive, 3 hard_negative); or "siglip" (stage-1 data)
+            objective=config_dict.placeholder(str),
+            hard_negative_weight=0.2,
+            hard_negative_positives=(0,),  # the authors' 2-way local term; (0, 1) for 3-way
+            logit_bias_init=-10.0,  # siglip's learnable logit bias at init (SigLIP's value)
+        )
+    )
+
     config.train = ml_collections.ConfigDict(
         dict(
             num_steps=10000,
             seed=0,
             mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
-            objective="clip",  # clip (stage 1) | multi_positive (stage 2) | hard_negative (stage 3)
-            hard_negative_weight=0.2,
-            hard_negative_positives=(0,),  # the authors' 2-way local term; (0, 1) for 3-way
             compute_dtype="bfloat16",  # activations; master weights stay float32
             log_every_steps=50,
             checkpoint_every_steps=1000,
             checkpoint_every_minutes=30.0,
             keep_checkpoints=3,
-            keep_best_metric=config_dict.placeholder(str),  # e.g. "dev/global/a2t_R@1": also keep the best
+            keep_best_metric=config_dict.placeholder(str),  # e.g. "dev/global/s2t/R@1": also keep the best
             max_nonfinite_streak=20,  # consecutive skipped (non-finite) updates before the run stops
             compilation_cache_dir="~/.cache/clsp_jax/xla",  # persistent XLA cache ("" = off)
             # Run a text encoder frozen below its pooler once per training caption, not every step
@@ -53,6 +66,9 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             # for a speech tower trained from scratch: clsp_jax.train.head_init).
             audio_head_init_batches=0,
             prefetch_batches=2,  # batches loaded and put on the devices ahead of the step, in a thread
+            # With several processes, how often they agree on stopping after a SIGTERM to any of them
+            # (clsp_jax.distributed.Preemption).
+            preemption_check_every_steps=10,
             init_clsp=config_dict.placeholder(str),  # authors' CLSP checkpoint (.safetensors / .pt)
             init_speech=config_dict.placeholder(str),  # SPEAR checkpoint for the speech tower
             init_text=config_dict.placeholder(str),  # Hugging Face RoBERTa/BERT checkpoint for the text tower

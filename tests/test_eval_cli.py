@@ -17,8 +17,8 @@ import soxr
 import fcaps_fixtures as ff
 from clsp_jax import eval as cli
 from clsp_jax.evals import metrics as M
+from clsp_jax.evals.prompts import ZERO_SHOT_TASKS
 from data_prep import eval_sets
-from data_prep.eval_sets import ZERO_SHOT_TASKS
 from data_prep.prepare import BuildSettings, prepare
 from eval_fixtures import REPO, embed_in_eights
 

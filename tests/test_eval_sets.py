@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from clsp_jax.evals.prompts import ZERO_SHOT_TASKS
 from data_prep import eval_sets, manifest_writer
 
 
@@ -189,17 +190,17 @@ def test_psc_keeps_first_global_and_last_finegrained(tmp_path):
 
 
 def test_zero_shot_prompts_match_the_paper():
-    label_key, prompts = eval_sets.ZERO_SHOT_TASKS["iemocap_emotion"]
+    label_key, prompts = ZERO_SHOT_TASKS["iemocap_emotion"]
     assert label_key == "emotion"
     assert prompts[1] == ("A speaker in a excited tone.", "happy")
     assert {label for _, label in prompts} == set(eval_sets.IEMOCAP_EMOTIONS.values())
-    _, prompts = eval_sets.ZERO_SHOT_TASKS["ravdess_emotion"]
+    _, prompts = ZERO_SHOT_TASKS["ravdess_emotion"]
     assert [label for _, label in prompts] == ["angry", "calm", "disgust", "fear", "happy", "sad", "surprised",
                                                "neutral"]
     assert set(eval_sets.RAVDESS_EMOTIONS.values()) == {label for _, label in prompts}
-    assert {label for _, label in eval_sets.ZERO_SHOT_TASKS["cremad_emotion"][1]} == set(
+    assert {label for _, label in ZERO_SHOT_TASKS["cremad_emotion"][1]} == set(
         eval_sets.CREMAD_EMOTIONS.values())
-    assert [label for _, label in eval_sets.ZERO_SHOT_TASKS["cremad_age"][1]] == list(eval_sets.AGE_BINS)
+    assert [label for _, label in ZERO_SHOT_TASKS["cremad_age"][1]] == list(eval_sets.AGE_BINS)
 
 
 def test_manifest_writer_rounding_bounds_and_bytes(tmp_path):

@@ -13,7 +13,8 @@ from flax import nnx
 
 import fcaps_fixtures as ff
 from eval_fixtures import TOKENIZER, embed_in_eights, tiny_clsp
-from clsp_jax.data import default_config, make_eval_batches
+from clsp_jax.data.config import default_config
+from clsp_jax.data.pipeline import make_eval_batches
 from clsp_jax.evals import evaluators as E
 from clsp_jax.evals import metrics as M
 from clsp_jax.evals import sources

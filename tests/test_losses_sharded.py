@@ -12,7 +12,7 @@ import sys
 import pytest
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]  # over (data, fsdp, tensor); the batch is split over data x fsdp
-CASES = ["clip", "multi_positive", "multi_positive_mask_weights", "hard_negative", "sigmoid"]
+CASES = ["infonce", "multi_positive", "multi_positive_mask_weights", "hard_negative", "sigmoid"]
 TOLERANCE = 1e-5
 
 
@@ -47,7 +47,7 @@ def _report() -> dict:
     scale, bias = np.float32(14.0), np.float32(-5.0)
     # name -> (loss, arguments, names of the differentiated arguments)
     cases = {
-        "clip": (losses.clip_loss, (audio, text[:, 0], scale), ("audio", "text", "scale")),
+        "infonce": (losses.infonce_loss, (audio, text[:, 0], scale), ("audio", "text", "scale")),
         "multi_positive": (losses.multi_positive_loss, (audio, text, scale), ("audio", "text", "scale")),
         "multi_positive_mask_weights": (
             losses.multi_positive_loss,
@@ -99,12 +99,12 @@ def _report() -> dict:
         return str(jax.make_jaxpr(jax.grad(lambda *x: losses.sharded(fn, mesh)(*x)[0], argnums=(0, 1)))(*args))
 
     ring = program(losses.sigmoid_loss, audio, text[:, 0], scale, bias)
-    gathered = program(losses.clip_loss, audio, text[:, 0], scale)
+    gathered = program(losses.infonce_loss, audio, text[:, 0], scale)
     report["checks"]["sigmoid_ring_uses_ppermute"] = "ppermute" in ring
     report["checks"]["sigmoid_ring_never_gathers"] = "all_gather" not in ring
     report["checks"]["sigmoid_ring_logits_stay_local"] = "f32[2,16]" not in ring and "f32[2,16]" in gathered
     try:
-        losses.sharded(losses.clip_loss, mesh)(audio[:12], text[:12, 0], scale)
+        losses.sharded(losses.infonce_loss, mesh)(audio[:12], text[:12, 0], scale)
         report["checks"]["indivisible_batch_raises"] = False
     except ValueError as e:
         report["checks"]["indivisible_batch_raises"] = "does not divide" in str(e)

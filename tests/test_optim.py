@@ -1,4 +1,4 @@
-"""Optimizer, schedules, clamp and EMA (clsp_jax.optim) against hand-computed numbers."""
+"""Optimizer, schedules, clamp and EMA (clsp_jax.optim, clsp_jax.optim_config) against hand-computed numbers."""
 
 import collections
 import json
@@ -13,10 +13,10 @@ import optax
 import pytest
 from flax import nnx
 
-from clsp_jax import optim
+from clsp_jax import optim, optim_config
 from clsp_jax.models.clsp import CLSPNet
 
-TOWER = optim.ENCODER_LR_SCALE
+TOWER = optim_config.ENCODER_LR_SCALE
 
 
 class _Linear(nnx.Module):
@@ -81,13 +81,13 @@ def test_eden_matches_icefall_loop_update_by_update():
 
 
 def test_eden_faithful_numbers():
-    sched = optim.make_schedule(dict(optim.faithful_optim_config(), steps_per_epoch=1000))
+    sched = optim.make_schedule(dict(optim_config.faithful_optim_config(), steps_per_epoch=1000))
     # count 0 -> batch 1: warmup 0.5 + 0.5/500 = 0.501; decay terms ~1.
     np.testing.assert_allclose(float(sched(0)), 0.045 * 0.501 * (1 + 1e-10) ** -0.25, rtol=1e-6)
     # count 499 -> batch 500 = warmup_batches: warmup done.
     np.testing.assert_allclose(float(sched(499)), 0.045 * ((500**2 + 1e10) / 1e10) ** -0.25, rtol=1e-6)
     # count 1999 -> batch 2000, epoch 1; with lr_batches=1000, lr_epochs=2: 5^-1/4 * 1.25^-1/4 * 0.045.
-    cfg = dict(optim.faithful_optim_config(), steps_per_epoch=1000, eden_lr_batches=1000.0, eden_lr_epochs=2.0)
+    cfg = dict(optim_config.faithful_optim_config(), steps_per_epoch=1000, eden_lr_batches=1000.0, eden_lr_epochs=2.0)
     np.testing.assert_allclose(float(optim.make_schedule(cfg)(1999)), 0.0284605, rtol=1e-5)
 
 
@@ -105,7 +105,7 @@ def test_warmup_cosine_values():
 
 
 def test_learning_rates_for_logging():
-    cfg = dict(optim.faithful_optim_config(), steps_per_epoch=1000)
+    cfg = dict(optim_config.faithful_optim_config(), steps_per_epoch=1000)
     lrs = optim.learning_rates(cfg, 10_000)
     head = 0.045 * ((1e8 + 2 * 1e4 + 1 + 1e10) / 1e10) ** -0.25 * ((100 + 1e4) / 1e4) ** -0.25  # batch 10001, epoch 10
     assert lrs["lr"] == pytest.approx(head, rel=1e-6)
@@ -153,7 +153,7 @@ def _first_update(cfg, params):
 def test_group_lr_scales_first_adam_step():
     """Adam's first step is lr * sign(g) per element, so |update| is the group's LR exactly."""
     groups = [{"name": "embed", "pattern": r"^speech/encoder_embed/", "lr_scale": 0.5},
-              {"name": "towers", "pattern": optim.TOWERS_PATTERN, "lr_scale": TOWER}]
+              {"name": "towers", "pattern": optim_config.TOWERS_PATTERN, "lr_scale": TOWER}]
     for params in (_params(), nnx.to_pure_dict(_params())):
         upd = _first_update(_cfg(param_groups=groups), params)
         for path, u in upd.items():
@@ -246,7 +246,7 @@ def test_global_norm_clipping_over_trainable_only():
 
 
 def test_config_dict_accepted():
-    cfg = ml_collections.ConfigDict(_cfg(param_groups=[{"pattern": optim.TOWERS_PATTERN, "lr_scale": 0.5}]))
+    cfg = ml_collections.ConfigDict(_cfg(param_groups=[{"pattern": optim_config.TOWERS_PATTERN, "lr_scale": 0.5}]))
     upd = _first_update(cfg, _params())
     np.testing.assert_allclose(upd["text_encoder/pooler/kernel"], 5e-4, rtol=1e-5)
     np.testing.assert_allclose(upd["logit_scale"], 1e-3, rtol=1e-5)

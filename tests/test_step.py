@@ -1,4 +1,14 @@
-"""The train step on cached text states: equal to the step on tokens, and its non-finite guard."""
+"""The train step on cached text states: equal to the step on tokens, its non-finite guard, its objective
+checks, and the siglip objective with its learnable logit bias (dense = sharded over 8 fake CPU devices).
+
+XLA must see 8 host devices before JAX starts, so the sharded siglip case runs in a child process (this file
+run as a script prints a JSON report); the pytest side only asserts on the report.
+"""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -7,7 +17,8 @@ import pytest
 from flax import nnx
 
 from clsp_jax.tokenizer import CaptionTokenizer
-from clsp_jax.train.step import init_state, make_train_step
+from clsp_jax.train.state import init_state
+from clsp_jax.train.step import make_train_step
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states
 from eval_fixtures import TOKENIZER
 from train_fixtures import minilm_vocab_net, tone_batch
@@ -32,8 +43,8 @@ def setup():
     state_batch = {**common, "text_states": cached_text_states({"audio": audio["audio"], **tokens}, cache, 2)}
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     tx = optax.adam(1e-3)
-    step = jax.jit(make_train_step(graphdef, rest, tx, lambda s: 1e-3, dict(objective="multi_positive",
-                                                                           frozen=FROZEN)))
+    step = jax.jit(make_train_step(graphdef, rest, tx, lambda s: 1e-3, objective="multi_positive", loss_cfg={},
+                                   frozen=FROZEN))
     return net, params, tx, step, token_batch, state_batch
 
 
@@ -69,3 +80,90 @@ def test_a_non_finite_loss_skips_the_update_and_counts_the_streak(setup):
             np.testing.assert_array_equal(np.asarray(x), y)
     recovered, metrics = step(skipped2, good)
     assert int(metrics["nonfinite"]) == 0 and int(recovered["nonfinite_streak"]) == 0
+
+
+def test_the_step_checks_its_objective(setup):
+    """Clear errors for an unknown name, a network without the bias siglip needs, a batch with other captions."""
+    net, _, tx, _, token_batch, _ = setup
+    graphdef, _, rest = nnx.split(net, nnx.Param, ...)
+    make = lambda name: make_train_step(graphdef, rest, tx, lambda s: 1e-3, objective=name, loss_cfg={})
+    with pytest.raises(ValueError, match="unknown objective 'clip'"):
+        make("clip")
+    state = init_state(net, tx)
+    with pytest.raises(ValueError, match="objective 'siglip' needs a network with a logit_bias"):
+        jax.eval_shape(make("siglip"), state, token_batch)
+    with pytest.raises(ValueError, match="objective 'infonce' needs 1 caption"):
+        jax.eval_shape(make("infonce"), state, token_batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SigLIP: the dense step and the step sharded over (data, fsdp) = (2, 4) agree, and the bias trains.
+
+SIGLIP_LR = 0.1
+BIAS_INIT = -10.0
+
+
+def _siglip_report() -> dict:
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from clsp_jax.models.clsp import CLSPNet
+    from train_fixtures import small_model_config
+
+    assert jax.device_count() == 8, jax.devices()
+    net = CLSPNet({**small_model_config(dropout=False), "logit_bias_init": BIAS_INIT}, rngs=nnx.Rngs(0))
+    graphdef, _, rest = nnx.split(net, nnx.Param, ...)
+    tx = optax.sgd(SIGLIP_LR)  # plain SGD: the bias moves by -lr x its gradient
+    batch = tone_batch(8, 1)
+    make = lambda mesh: jax.jit(make_train_step(graphdef, rest, tx, lambda s: SIGLIP_LR, objective="siglip",
+                                                loss_cfg={"objective": "siglip"}, mesh=mesh))
+    dense_state, dense = make(None)(init_state(net, tx), batch)
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    placed = jax.device_put(batch, NamedSharding(mesh, P(("data", "fsdp"))))
+    sharded_state, sharded = make(mesh)(init_state(net, tx), placed)
+    dense_params, sharded_params = jax.device_get((dense_state["params"], sharded_state["params"]))
+    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    param_error = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(dense_params), leaves(sharded_params)))
+    return {
+        "dense_loss": float(dense["loss"]),
+        "sharded_loss": float(sharded["loss"]),
+        "metric_names": sorted(dense) == sorted(sharded),
+        "metric_bias": float(dense["logit_bias"]),
+        "dense_bias": float(dense_params["logit_bias"]),
+        "sharded_bias": float(sharded_params["logit_bias"]),
+        "param_error": param_error,
+    }
+
+
+@pytest.fixture(scope="module")
+def siglip_report():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # LLVM -O0: XLA:CPU compiles the two train steps faster; both sides of the comparison share it.
+    flags = " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags + " --xla_llvm_disable_expensive_passes=true").strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_siglip_step_sharded_equals_dense(siglip_report):
+    r = siglip_report
+    assert np.isfinite(r["dense_loss"]) and r["dense_loss"] > 1.0  # a bias of -10 misses every positive pair
+    np.testing.assert_allclose(r["sharded_loss"], r["dense_loss"], rtol=1e-5)
+    assert r["metric_names"]
+    assert r["param_error"] <= 1e-5
+    np.testing.assert_allclose(r["sharded_bias"], r["dense_bias"], rtol=1e-6)
+
+
+def test_siglip_step_trains_the_logit_bias(siglip_report):
+    r = siglip_report
+    assert r["metric_bias"] == BIAS_INIT  # the loss saw the network's bias
+    gradient = (BIAS_INIT - r["dense_bias"]) / SIGLIP_LR
+    # Almost every pair is a negative already below -10, so the positives pull the bias up (gradient < 0).
+    assert gradient < -0.1, gradient
+
+
+if __name__ == "__main__":
+    print(json.dumps(_siglip_report()))

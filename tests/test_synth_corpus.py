@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import soundfile
 
+from clsp_jax.data.manifests import MULTI_SPEAKER_RE, NEGATION_RE
 from data_prep import captions as cap
 from data_prep import synth_corpus as sc
 from data_prep.espeak import Utterance, engine
-from data_prep.manifest import MULTI_SPEAKER_RE, NEGATION_RE
 
 GENDER_WORDS = {"male": {"man", "male", "he", "his"}, "female": {"woman", "female", "she", "her"}}
 RATE_WORDS = {"slow speed": {"slow", "slowly", "unhurried", "slow-paced"},

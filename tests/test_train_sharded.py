@@ -18,7 +18,7 @@ import pytest
 from train_fixtures import small_model_config, tone_batch
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
-TRAIN = dict(objective="multi_positive", seed=0, ema_decay=0.9)
+TRAIN = dict(objective="multi_positive", loss_cfg={}, seed=0, ema_decay=0.9)
 OPTIM = dict(base_lr=3e-3, schedule="constant", param_groups=[], eps=1e-3)
 # A weight of each tower and its expected spec per mesh: [64, 128] ("embed", "mlp"), [1000, 64] ("vocab", "embed").
 FF_KERNEL = "speech/encoder/encoders/1/encoder/layers/0/feed_forward2/in_proj/kernel"
@@ -56,14 +56,14 @@ def _report() -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from clsp_jax import optim, sharding
+    from clsp_jax import losses, optim, sharding
     from clsp_jax.models.clsp import CLSPNet
     from clsp_jax.models.text import TextEncoder
-    from clsp_jax.train import step
+    from clsp_jax.train import state as train_state, step
 
     assert jax.device_count() == 8, jax.devices()
     cfg = small_model_config()
-    batch = tone_batch(8, step.captions_per_clip(TRAIN["objective"]))
+    batch = tone_batch(8, losses.OBJECTIVES[TRAIN["objective"]].captions)
     make_net = lambda: CLSPNet(cfg, rngs=nnx.Rngs(0))
     net = make_net()
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
@@ -76,17 +76,17 @@ def _report() -> dict:
             losses.append(float(metrics["loss"]))
         return losses, state
 
-    initial = step.init_state(net, tx, ema=True)
+    initial = train_state.init_state(net, tx, ema=True)
     init_params = jax.device_get(initial["params"])
-    ref_losses, ref = run(jax.jit(step.make_train_step(graphdef, rest, tx, schedule, TRAIN)), initial, batch)
+    ref_losses, ref = run(jax.jit(step.make_train_step(graphdef, rest, tx, schedule, **TRAIN)), initial, batch)
     ref = jax.device_get(ref)
     report = {"reference_losses": ref_losses, "ref_update_size": _relative_error(ref["params"], init_params)}
 
     for shape in MESHES:
         mesh = sharding.make_mesh(shape)
-        state, shardings = sharding.init_sharded_state(make_net, tx, mesh, ema=True)
+        state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema=True)
         out = {"init_error": _relative_error(state["params"], init_params)}
-        step_fn = sharding.jit_train_step(step.make_train_step(graphdef, rest, tx, schedule, TRAIN, mesh),
+        step_fn = sharding.jit_train_step(step.make_train_step(graphdef, rest, tx, schedule, **TRAIN, mesh=mesh),
                                           shardings, mesh)
         device_batch = sharding.global_batch(batch, mesh)
         out["losses"], live = run(step_fn, state, device_batch)
@@ -126,8 +126,8 @@ def _report() -> dict:
     make_text = lambda: TextEncoder(text_cfg, rngs=nnx.Rngs(3))
     text_tx = optax.sgd(0.1, momentum=0.9)
     mesh = sharding.make_mesh((2, 2, 2))
-    eager_state, _ = sharding.init_sharded_state(make_text, text_tx, mesh)
-    jit_state, _ = sharding.init_sharded_state(make_text, text_tx, mesh, jit_init=True)
+    eager_state, _ = train_state.init_sharded_state(make_text, text_tx, mesh)
+    jit_state, _ = train_state.init_sharded_state(make_text, text_tx, mesh, jit_init=True)
     x = _leaf(jit_state["params"], "embeddings/word_embeddings/embedding")
     report["jit_init"] = {"error": _relative_error(jit_state, eager_state),
                           "spec": list(x.sharding.spec), "shard_shape": list(x.addressable_shards[0].data.shape)}

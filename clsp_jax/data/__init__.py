@@ -1,11 +1,6 @@
-"""Input pipeline: FCaps TFDS splits -> Grain iterators of bucketed, captioned, tokenised batches."""
+"""Data: the FCaps on-disk format (fcaps_format), Lhotse manifests and audio decoding (manifests), the input
+pipeline's config (config) and the Grain pipeline that turns prepared splits into bucketed, captioned,
+tokenised batches (pipeline, with buckets, captions, hard_negatives).
 
-from clsp_jax.data.pipeline import (
-    EvalBatches,
-    default_config,
-    make_eval_batches,
-    make_train_dataset,
-    make_train_iterator,
-)
-
-__all__ = ["EvalBatches", "default_config", "make_eval_batches", "make_train_dataset", "make_train_iterator"]
+Nothing is imported here, so `clsp_jax.data.config` loads without jax, grain or TFDS.
+"""

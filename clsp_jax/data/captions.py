@@ -1,4 +1,4 @@
-"""Which captions a clip contributes to a training batch, per stage (DESIGN §2).
+"""Which captions a clip contributes to a training batch, per stage (docs/design.md §2).
 
 Rows: a batch of B clips carries K captions per clip, caption k of clip i at row k*B + i.
 

@@ -35,26 +35,7 @@ Train batch (B = this host's batch, K = captions per clip = stage number, L = to
     source          int32   []        index into cfg.sources
     negative_valid  bool    [B]       stage 3 only: row 2B + i holds a usable hard negative
 
-Config keys (``default_config()``; ``ml_collections`` ConfigDict or any mapping):
-
-    sources                      tuple of {"name", "split", "weight"[, "data_dir"]}
-    seed                         int; shuffle, task and caption draws
-    num_epochs                   -1: repeat forever; n > 0: n passes, then StopIteration
-    stage                        1, 2 or 3 (captions per clip, see captions.py)
-    sample_rate                  16000
-    bucket_boundaries_s          padded audio lengths (seconds), ascending; longer clips are dropped
-    max_audio_seconds_per_batch  padded audio seconds per GLOBAL batch (authors: 800 s per GPU)
-    batch_size_multiple          the data-parallel size: every bucket batch is a multiple of it
-    stage1_caption_pool          "finegrained" | "global" | "both"
-    task2_prob_start / task2_prob_end / task2_ramp_steps   p(Task 2) schedule (0.05 -> 0.5 over 10k)
-    accent_intra_group_prob      stage 3: wrong accent taken from the same accent group
-    text_length_buckets          token lengths; captions are truncated to the last one
-    text_fixed_length            0: bucketed lengths; L > 0: pad every caption batch to L
-    worker_count                 grain worker processes (0: load in this process)
-    worker_buffer_size           batches buffered per worker
-    read_threads / read_buffer_size   reader threads and their buffer in each loading process
-    eval_batch_size              global eval batch size
-    eval_caption_kinds           captions per eval clip, in row order ("global", "finegrained")
+Config keys: ``clsp_jax.data.config`` (``default_config()``; an ``ml_collections`` ConfigDict or any mapping).
 """
 
 from __future__ import annotations
@@ -65,42 +46,12 @@ import os
 from typing import Any, Iterator, Sequence
 
 import grain
-import ml_collections
 import numpy as np
 
-from clsp_jax.data import buckets, captions
+from clsp_jax.data import buckets, captions, fcaps_format
 from clsp_jax.tokenizer import CaptionTokenizer
-from data_prep import fcaps_tfds
 
 log = logging.getLogger(__name__)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {
-            "sources": ({"name": "fcaps", "split": "train", "weight": 1.0},),
-            "seed": 0,
-            "num_epochs": -1,
-            "stage": 1,
-            "sample_rate": 16000,
-            "bucket_boundaries_s": (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0),
-            "max_audio_seconds_per_batch": 800.0,
-            "batch_size_multiple": 1,
-            "stage1_caption_pool": "finegrained",
-            "task2_prob_start": 0.05,
-            "task2_prob_end": 0.5,
-            "task2_ramp_steps": 10000,
-            "accent_intra_group_prob": 0.2,
-            "text_length_buckets": (32, 64, 128, 256, 512),
-            "text_fixed_length": 0,
-            "worker_count": 0,
-            "worker_buffer_size": 2,
-            "read_threads": 2,
-            "read_buffer_size": 4,
-            "eval_batch_size": 32,
-            "eval_caption_kinds": ("global", "finegrained"),
-        }
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +102,7 @@ class _DataSources:
     def get(self, i: int):
         if i not in self._open:
             s = self._specs[i]
-            self._open[i] = fcaps_tfds.open_split(s.data_dir, s.split, s.name)
+            self._open[i] = fcaps_format.open_split(s.data_dir, s.split, s.name)
         return self._open[i]
 
 
@@ -213,7 +164,7 @@ class LoadTrainBatch:
 
 def _grain_workers_ready() -> None:
     # Grain worker processes read absl flags; a program that never parsed them (pytest, notebooks,
-    # a plain script) must mark them parsed or the workers fail on start (DESIGN §6).
+    # a plain script) must mark them parsed or the workers fail on start.
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
@@ -235,7 +186,7 @@ def make_train_dataset(cfg, *, data_dir: str | os.PathLike, tokenizer, process_i
     """The training IterDataset of this host (see module doc); ``iter()`` it for batches.
 
     Args:
-      cfg: config with the keys of ``default_config()``.
+      cfg: config with the keys of ``clsp_jax.data.config.default_config()``.
       data_dir: TFDS data dir holding the sources (a source's own "data_dir" overrides it).
       tokenizer: a ``CaptionTokenizer`` or the path of a tokenizer.json (then bucketed with
         ``cfg.text_length_buckets``).
@@ -251,7 +202,7 @@ def make_train_dataset(cfg, *, data_dir: str | os.PathLike, tokenizer, process_i
     plans = []
     for i, s in enumerate(specs):
         plan = buckets.BatchPlanDataset(
-            fcaps_tfds.load_num_samples(s.data_dir, s.split, s.name), source=i, lengths=lengths,
+            fcaps_format.load_num_samples(s.data_dir, s.split, s.name), source=i, lengths=lengths,
             batch_sizes=sizes, seed=int(cfg.seed), num_epochs=int(cfg.num_epochs), shard=shard,
         )
         log.info("source %s/%s: %d batches per epoch, %d clips longer than %.1f s dropped; "
@@ -277,7 +228,7 @@ def train_captions(cfg, *, data_dir: str | os.PathLike, chunk: int = 256) -> lis
     or 2 batch can hold (for `clsp_jax.train.text_cache`). Reads each record once."""
     texts = set()
     for spec in _source_specs(cfg, data_dir):
-        source = fcaps_tfds.open_split(spec.data_dir, spec.split, spec.name)
+        source = fcaps_format.open_split(spec.data_dir, spec.split, spec.name)
         for lo in range(0, len(source), chunk):
             for ex in source.__getitems__(list(range(lo, min(lo + chunk, len(source))))):
                 clip = captions.ClipText.from_example(ex)
@@ -344,14 +295,14 @@ class EvalBatches:
 
 
 def make_eval_batches(cfg, *, data_dir: str | os.PathLike, tokenizer, split: str, process_index: int,
-                      process_count: int, name: str = fcaps_tfds.DEFAULT_NAME,
+                      process_count: int, name: str = fcaps_format.DEFAULT_NAME,
                       batch_size: int | None = None) -> EvalBatches:
     """Eval batches of ``split`` (global batch ``batch_size`` or cfg.eval_batch_size), padded so
     every host does equal work; see EvalBatches for the layout."""
     batch_size = int(batch_size or cfg.eval_batch_size)
     if batch_size % process_count:
         raise ValueError(f"eval batch size {batch_size} must be a multiple of process_count {process_count}")
-    num_samples = fcaps_tfds.load_num_samples(data_dir, split, name)
+    num_samples = fcaps_format.load_num_samples(data_dir, split, name)
     order = np.argsort(num_samples, kind="stable")
     num_batches = -(-order.size // batch_size)
     padded = np.full(num_batches * batch_size, -1, np.int64)

@@ -15,7 +15,7 @@ or as a global jax.Array whose rows are the hosts' rows in process order (what
 from all hosts with `process_allgather(tiled=True)`, drop padded rows by `valid` and order clips by
 record index, so every host returns the same metrics whatever the number of hosts.
 
-Batches: `clsp_jax.data.EvalBatches` (prepared TFDS splits) or `clsp_jax.evals.sources.WaveformBatches`
+Batches: `clsp_jax.data.pipeline.EvalBatches` (prepared TFDS splits) or `clsp_jax.evals.sources.WaveformBatches`
 (manifests, audio files): audio [b, N], audio_lens [b], index [b] (record index, -1 for padding),
 valid [b]; retrieval also needs input_ids / attention_mask [K*b, L] with caption kind k of clip i at
 row k*b + i and caption_valid [K*b]. Every host yields the same number of batches of the same b.
@@ -34,11 +34,12 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from clsp_jax import sharding
 from clsp_jax.evals import metrics as M
+from clsp_jax.evals.prompts import ZERO_SHOT_TASKS
 from clsp_jax.evals.sources import RatedPair
 from clsp_jax.features import fbank
 from clsp_jax.tokenizer import CaptionTokenizer
-from data_prep.eval_sets import ZERO_SHOT_TASKS
 
 EmbedFn = Callable[[Mapping[str, Any]], Any]
 Gather = Callable[[Any], np.ndarray]
@@ -173,7 +174,7 @@ class ZeroShotTask:
 
 
 def paper_task(name: str, labels: Sequence[str | None]) -> ZeroShotTask:
-    """The paper's prompts for task `name` (a key of data_prep.eval_sets.ZERO_SHOT_TASKS)."""
+    """The paper's prompts for task `name` (a key of clsp_jax.evals.prompts.ZERO_SHOT_TASKS)."""
     if name not in ZERO_SHOT_TASKS:
         raise ValueError(f"unknown zero-shot task {name!r}; choose from {sorted(ZERO_SHOT_TASKS)}")
     return ZeroShotTask(tuple(ZERO_SHOT_TASKS[name][1]), labels)
@@ -267,13 +268,16 @@ class SimilarityEvaluator:
 class NetEmbedder:
     """Jitted embedding functions of a CLSPNet over given params, for evaluating inside training.
 
-        embedder = NetEmbedder(graphdef, rest)       # from nnx.split(net, nnx.Param, ...), built once
+        embedder = NetEmbedder(graphdef, rest, mesh)  # from nnx.split(net, nnx.Param, ...), built once
         metrics = evaluator.run(*embedder.fns(state["params"]))
 
-    Deterministic (eval-mode) forward; inputs are this host's rows, outputs host-local.
+    Deterministic (eval-mode) forward; inputs are this host's rows. Without a mesh the outputs are host-local;
+    with the training mesh the host rows become global arrays split over its batch axes (params may be
+    sharded over several processes), so every process embeds its own rows and `gather_rows` returns all
+    processes' rows in process order.
     """
 
-    def __init__(self, graphdef, rest):
+    def __init__(self, graphdef, rest, mesh=None):
         def audio(params, waves, lens):
             feats, feat_lens = fbank(waves, lens)
             return nnx.merge(graphdef, params, rest).embed_features(feats, feat_lens)
@@ -281,11 +285,21 @@ class NetEmbedder:
         def text(params, ids, mask):
             return nnx.merge(graphdef, params, rest).embed_tokens(ids, mask)
 
-        self._audio, self._text = jax.jit(audio), jax.jit(text)
+        self._audio, self._text, self._mesh = jax.jit(audio), jax.jit(text), mesh
+
+    def _rows(self, **arrays):
+        return arrays if self._mesh is None else sharding.global_batch(arrays, self._mesh)
 
     def fns(self, params) -> tuple[EmbedFn, EmbedFn]:
-        return (lambda batch: self._audio(params, batch["audio"], batch["audio_lens"]),
-                lambda tokens: self._text(params, tokens["input_ids"], tokens["attention_mask"]))
+        def audio(batch):
+            x = self._rows(audio=batch["audio"], audio_lens=batch["audio_lens"])
+            return self._audio(params, x["audio"], x["audio_lens"])
+
+        def text(tokens):
+            x = self._rows(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            return self._text(params, x["input_ids"], x["attention_mask"])
+
+        return audio, text
 
 
 def model_embed_fns(model) -> tuple[EmbedFn, EmbedFn]:

@@ -1,7 +1,7 @@
 """Eval inputs read straight from files: Lhotse manifests, audio files and ratings CSVs -> eval batches.
 
-`WaveformBatches` yields the batch layout of `clsp_jax.data.EvalBatches` (so every evaluator takes
-either), decoding audio with data_prep.audio (any soundfile/audioread format, resampled to 16 kHz) as it
+`WaveformBatches` yields the batch layout of `clsp_jax.data.pipeline.EvalBatches` (so every evaluator takes
+either), decoding audio with clsp_jax.data.manifests (any soundfile/audioread format, resampled to 16 kHz) as it
 goes. A clip whose audio is missing or cannot be decoded becomes an invalid row and is recorded in
 `failures`; it is never silently dropped.
 
@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from clsp_jax.data import manifests
 from clsp_jax.data.captions import ClipText, eval_caption
 from clsp_jax.inference import MIN_SAMPLES, audio_bucket
 from clsp_jax.tokenizer import CaptionTokenizer
-from data_prep import audio, manifest
 
-SAMPLE_RATE = audio.TARGET_SAMPLE_RATE
+SAMPLE_RATE = manifests.TARGET_SAMPLE_RATE
 # Decoded audio may run this many samples past the manifest's duration (rounding, resampling) and still
-# fit the padded length (data_prep.audio's overrun tolerance).
-LENGTH_SLACK = int(audio.OVERRUN_TOLERANCE_S * SAMPLE_RATE)
+# fit the padded length (the manifest reader's overrun tolerance).
+LENGTH_SLACK = int(manifests.OVERRUN_TOLERANCE_S * SAMPLE_RATE)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class EvalClip:
     Attributes:
       id: for reports.
       num_samples: expected length at 16 kHz (orders the clips and sizes each batch's padding).
-      load: () -> float32 [n] waveform at 16 kHz in [-1, 1]; raises data_prep.manifest.ClipRejected.
+      load: () -> float32 [n] waveform at 16 kHz in [-1, 1]; raises clsp_jax.data.manifests.ClipRejected.
       captions: one per caption kind of the batches (None where the clip has none).
     """
 
@@ -99,9 +99,9 @@ class WaveformBatches:
         try:
             wave = np.asarray(clip.load(), np.float32).reshape(-1)
             if wave.size < MIN_SAMPLES:
-                raise manifest.ClipRejected("too_short", f"{wave.size} samples < {MIN_SAMPLES} (80 ms)")
+                raise manifests.ClipRejected("too_short", f"{wave.size} samples < {MIN_SAMPLES} (80 ms)")
             return wave
-        except manifest.ClipRejected as e:
+        except manifests.ClipRejected as e:
             if clip.id not in self.failures:
                 log.warning("skipping clip %s: %s", clip.id, e)
             self.failures[clip.id] = str(e)
@@ -139,7 +139,7 @@ class WaveformBatches:
             yield self._batch(rows, length)
 
 
-def _expected_samples(clip: manifest.Clip) -> int:
+def _expected_samples(clip: manifests.Clip) -> int:
     return math.ceil(clip.duration * SAMPLE_RATE)
 
 
@@ -153,32 +153,32 @@ class ManifestClips:
 
 
 def read_manifest(path: str | Path, audio_root: str | Path, kinds: Sequence[str] = (),
-                  rules: manifest.CaptionRules | None = None) -> ManifestClips:
+                  rules: manifests.CaptionRules | None = None) -> ManifestClips:
     """Cuts of a Lhotse MonoCut manifest (.jsonl / .jsonl.gz) as EvalClips.
 
     With caption `kinds` ("global": first global caption, "finegrained": last fine-grained caption, after
     the authors' caption selection `rules`, as the TFDS builder applies it), each clip carries one caption
     per kind; clips the selection rejects are skipped and counted by reason.
     """
-    rules = rules or manifest.CaptionRules()
+    rules = rules or manifests.CaptionRules()
     result = ManifestClips([], [], collections.Counter())
-    for line_no, record in manifest.iter_manifest(path):
+    for line_no, record in manifests.iter_manifest(path):
         try:
-            if isinstance(record, manifest.ClipRejected):
+            if isinstance(record, manifests.ClipRejected):
                 raise record
-            clip = manifest.parse_cut(record)
+            clip = manifests.parse_cut(record)
             captions = ()
             if kinds:
-                clip = manifest.select_captions(clip, rules)
+                clip = manifests.select_captions(clip, rules)
                 text = ClipText(clip.global_captions, clip.finegrained_captions)
                 captions = tuple(eval_caption(text, kind) for kind in kinds)
-        except manifest.ClipRejected as e:
+        except manifests.ClipRejected as e:
             if not result.skipped[e.reason]:
                 log.warning("skipping %s line %d (%s); further ones are only counted", path, line_no, e)
             result.skipped[e.reason] += 1
             continue
         result.clips.append(EvalClip(clip.id, _expected_samples(clip),
-                                     functools.partial(audio.load_clip, clip, audio_root), captions))
+                                     functools.partial(manifests.load_clip, clip, audio_root), captions))
         result.records.append(record)
     return result
 
@@ -187,14 +187,14 @@ def load_audio_file(path: str | Path) -> np.ndarray:
     """A whole audio file, channels averaged, at 16 kHz: float32 [n]; raises ClipRejected."""
     path = Path(path)
     if not path.is_file():
-        raise manifest.ClipRejected("missing_audio", f"{path} does not exist")
+        raise manifests.ClipRejected("missing_audio", f"{path} does not exist")
     try:
         info = soundfile.info(path)
     except (RuntimeError, soundfile.LibsndfileError) as e:
-        raise manifest.ClipRejected("decode_error", f"{path}: {e}") from None
-    source = manifest.AudioSource(str(path), None, tuple(range(info.channels)))
-    wave, rate = audio.read_segment(source, ".", 0.0, info.frames / info.samplerate)
-    return audio.resample(wave.mean(axis=1), rate, SAMPLE_RATE)
+        raise manifests.ClipRejected("decode_error", f"{path}: {e}") from None
+    source = manifests.AudioSource(str(path), None, tuple(range(info.channels)))
+    wave, rate = manifests.read_segment(source, ".", 0.0, info.frames / info.samplerate)
+    return manifests.resample(wave.mean(axis=1), rate, SAMPLE_RATE)
 
 
 def audio_file_clip(path: str | Path) -> EvalClip:

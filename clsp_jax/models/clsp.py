@@ -1,4 +1,5 @@
-"""The CLSP dual encoder: Zipformer2 speech tower + RoBERTa/BERT text tower + 512-d heads + temperature.
+"""The CLSP dual encoder: Zipformer2 speech tower + RoBERTa/BERT text tower + 512-d heads + temperature
+(+ an optional logit bias for the siglip objective).
 
 Attribute names mirror the authors' PyTorch `CLAP` module (icefall spear_roberta/model.py), so its state
 dict loads by the rule in `clsp_jax.convert`, with the speech tower mounted at the root
@@ -24,12 +25,14 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def model_config(config: Mapping) -> dict:
-    """Normalises `{"speech": {...}, "text": {...}, "joint_dim"?: int, "head_dropout"?: float, "remat"?: str}`
-    (the fixture format).
+    """Normalises `{"speech": {...}, "text": {...}, "joint_dim"?: int, "head_dropout"?: float, "remat"?: str,
+    "logit_bias_init"?: float | None}` (the fixture format, plus optional keys).
 
     `joint_dim` may sit at the top level or inside `speech` (as in the reference fixtures); default 512.
     `remat` ("none" | "layer" | "layer_save_dots", see `clsp_jax.models.remat`) applies to every layer of
     both towers; default "none".
+    `logit_bias_init`: None (default) = no logit bias, the authors' parameter set; a number adds a learnable
+    scalar `logit_bias` starting there (SigLIP starts at -10), which the siglip objective needs.
     """
     config = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(config).items()}
     for key in ("speech", "text"):
@@ -41,6 +44,11 @@ def model_config(config: Mapping) -> dict:
     config["joint_dim"] = joint
     config.setdefault("head_dropout", 0.1)
     check_remat(config.setdefault("remat", "none"))
+    bias = config.setdefault("logit_bias_init", None)
+    if bias is not None:
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise ValueError(f"logit_bias_init must be a finite number or None, got {bias!r}")
+        config["logit_bias_init"] = float(bias)
     return config
 
 
@@ -110,6 +118,10 @@ class CLSPNet(nnx.Module):
         self.text_projection = projection(self.text_encoder.output_dim, joint, **kw)
         self.text_transform = Transform(joint, p, **kw)
         self.logit_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), param_dtype))
+        # Only when configured, so a network without it has exactly the authors' parameters (and state dict).
+        # float32 whatever param_dtype: the bias sits near -10 and moves by small steps.
+        bias = config["logit_bias_init"]
+        self.logit_bias = None if bias is None else nnx.Param(jnp.full((), bias, jnp.float32))
 
     def encode_features(self, features, feature_lens, *, deterministic=True, rngs=None):
         """features [B, T, F] fbank, feature_lens [B] -> (frames [B, T', C], frame_lens [B]) at ~25 Hz."""
@@ -141,5 +153,9 @@ class CLSPNet(nnx.Module):
         return l2_normalize(self.text_transform(_project(self.text_projection, pooled), deterministic, rngs))
 
     def scale(self):
-        """exp(logit_scale), the multiplier of the cosine similarities."""
+        """exp(logit_scale), the multiplier of the cosine similarities: a float32 scalar."""
         return jnp.exp(self.logit_scale[...].astype(jnp.float32))
+
+    def bias(self):
+        """The learnable logit bias (added to the scaled similarities), a float32 scalar; None without one."""
+        return None if self.logit_bias is None else self.logit_bias[...].astype(jnp.float32)

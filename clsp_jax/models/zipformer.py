@@ -10,8 +10,9 @@ Shapes are static; padding is handled with masks built from lengths, so everythi
 
 Precision (mirrors the authors' torch autocast training): `dtype` is the compute dtype of matmuls, convs and
 attention products; the residual stream, BiasNorm, bypasses, downsampling, softmax and the Swoosh
-activations' arithmetic stay float32, so the encoder output is float32. With bf16 this keeps the tiny
-fixtures within ~0.4% relative RMS of float32 (casting the residual stream too doubles the error).
+activations' arithmetic stay float32, so the encoder output is float32. Casting the residual stream
+to bf16 as well would roughly double the error against float32 (tests/test_zipformer.py pins the bf16
+tolerance).
 
 Left out, because it is the identity in eval mode (and only shapes gradients or schedules in training):
 Balancer, Whiten, ScaleGrad, limit_param_value, penalize_abs_values_gt, ScheduledFloat schedules, layer and
@@ -181,7 +182,7 @@ class ZipformerConfig:
 
 
 # Swoosh activations are evaluated in float32 whatever the input dtype (as icefall does): near x = 0 the
-# output is a small difference of two ~0.3 terms, which bf16 would swamp (5% error after three convs).
+# output is a small difference of two ~0.3 terms, which bf16 would swamp (the error compounds over the convolution modules).
 
 
 def swoosh_l(x: jax.Array) -> jax.Array:
@@ -257,7 +258,7 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dil
     accumulated in float32. Why not the grouped `lax.conv_general_dilated`: XLA's SPMD partitioner
     (jax 0.10) returns its kernel gradient multiplied by the replication factor when the batch is sharded
     over only some mesh axes (e.g. batch over data x fsdp of a (2, 2, 2) mesh: 2x), and XLA:CPU runs it
-    3-6x slower than these taps.
+    slower than these taps (BENCHMARKS.md §3).
     """
     del precision, dimension_numbers  # nnx.Conv always passes channels-last dimension numbers
     n = lhs.ndim - 2
@@ -281,8 +282,8 @@ def pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dil
                                    dimension_numbers, feature_group_count, precision=None, out_sharding=None):
     """A 1x1 convolution as the matmul it is: lhs [B, *S, Cin] x rhs [1, .., 1, Cin, Cout] -> [B, *S, Cout].
 
-    The `lax.conv_general_dilated` that `nnx.Conv` calls, for 1x1 kernels with stride 1 only. XLA:CPU runs
-    the convolution form 3x slower forward and ~12x slower backward than this einsum.
+    The `lax.conv_general_dilated` that `nnx.Conv` calls, for 1x1 kernels with stride 1 only: XLA:CPU runs
+    the convolution form's backward pass much more slowly than this einsum (BENCHMARKS.md §3).
     """
     del dimension_numbers, out_sharding
     n = lhs.ndim - 2

@@ -1,7 +1,9 @@
 """python -m clsp_jax.train --config configs/tiny.py --workdir DIR [--config.key=value ...]"""
 
 import logging
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,8 +23,26 @@ def main(argv):
     try:
         train(config, flags.FLAGS.workdir)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, f"config error: {e}")
+    except SystemExit as e:  # the trainer's own one-line stops (e.g. too many non-finite losses)
+        if e.code not in (None, 0):
+            _exit(1, str(e.code))
+        raise
+    except BaseException:
+        _exit(1, traceback.format_exc())
+
+
+def _exit(code: int, message: str) -> None:
+    """Prints `message` and exits with `code`. With several processes the exit is immediate (os._exit): a
+    normal exit would wait at jax.distributed's shutdown barrier for peers that may be stuck in a collective
+    with this process, and the peers then fail fast as their collective loses this process."""
+    print(message, file=sys.stderr, flush=True)
+    import jax
+
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

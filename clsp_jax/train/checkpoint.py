@@ -8,7 +8,8 @@ Layout of a work dir:
     <workdir>/checkpoints/<step>/data    the input iterator's JSON state after the same step
 
 Saves are asynchronous; every `every_steps` steps and/or `every_minutes` minutes; the last `keep` are kept,
-plus the best by `best_metric` when set.
+plus the best by `best_metric` when set. The work dir may be a local folder or a `gs://` URL: paths go through
+`clsp_jax.storage` (etils.epath), never `os.path`.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+from clsp_jax import storage
 
 
-def make_manager(workdir: str, *, every_steps: int | None = None, every_minutes: float | None = None,
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """`<workdir>/checkpoints` (a local work dir made absolute, a gs:// one kept as a URL)."""
+    return storage.resolve(workdir) / "checkpoints"
+
+
+def make_manager(workdir: str | os.PathLike, *, every_steps: int | None = None, every_minutes: float | None = None,
                  keep: int = 3, best_metric: str | None = None, best_mode: str = "max",
                  read_only: bool = False) -> ocp.CheckpointManager:
     save_policies = []
@@ -71,24 +77,34 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     return restored["state"], restored["data"]
 
 
-def restore_params(workdir: str, step: int | None = None, use_ema: bool = False):
+def restore_params(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = False):
     """(params as a nested dict of numpy arrays, config dict, step) of a run, without its optimizer state.
 
-    For export and evaluation: reads the saved state's `params` (or `ema`) item with no target, on host.
+    For export and evaluation: reads the saved state's `params` (or `ema`) into host memory, whatever the
+    topology that saved it.
     """
-    manager = make_manager(workdir, read_only=True)
+    # Handlers named, so the saved tree's metadata can be read (it gives the restore targets below).
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False), item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                      "data": ocp.JsonCheckpointHandler()})
     steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(workdir)}")
     step = max(steps) if step is None else step
     if step not in steps:
         raise ValueError(f"no checkpoint at step {step}; available: {sorted(steps)}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
-    params = restored.get("ema") if use_ema else restored["params"]
-    if params is None:
+    key = "ema" if use_ema else "params"
+    saved = manager.item_metadata(step)["state"].tree
+    if saved.get(key) is None:
         raise ValueError(f"the checkpoint at step {step} has no EMA weights (train.ema_decay was off)")
-    with open(os.path.join(os.path.abspath(workdir), "config.json")) as f:
-        config = json.load(f)
+    # Only `key`, as host numpy arrays: the devices and mesh that wrote the checkpoint (several processes, an
+    # FSDP mesh) need not exist here, and the optimizer state is never read.
+    wanted = {key: saved[key]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
+    params = restored[key]
+    config = json.loads((storage.resolve(workdir) / "config.json").read_text())
     from flax import nnx
 
     from clsp_jax.models.clsp import CLSPNet

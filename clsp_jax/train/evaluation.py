@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import jax
 
+from clsp_jax.data.fcaps_format import open_split
 from clsp_jax.data.pipeline import make_eval_batches
 from clsp_jax.evals import NetEmbedder, RetrievalEvaluator, ZeroShotEvaluator, paper_task
-from data_prep.fcaps_tfds import open_split
 
 
-def _gender_labels(data_dir: str, split: str, name: str) -> list[str | None]:
+def gender_labels(data_dir: str, split: str, name: str) -> list[str | None]:
     """The gender tag of every record of the split (None where it is missing or not male/female)."""
     labels = []
     for record in open_split(data_dir, split, name):
@@ -20,8 +20,10 @@ def _gender_labels(data_dir: str, split: str, name: str) -> list[str | None]:
     return labels
 
 
-def make_evaluator(config, graphdef, rest, tokenizer) -> Callable | None:
-    """-> `evaluate(params, step) -> {"<split>/<metric>": value}`, or None when no evaluation is asked for."""
+def make_evaluator(config, graphdef, rest, tokenizer, mesh=None) -> Callable | None:
+    """-> `evaluate(params, step) -> {"<split>/<metric>": value}`, or None when no evaluation is asked for.
+
+    Every process evaluates its share of the split (padded so all do equal work) on the training `mesh`."""
     e, d = config.eval, config.data
     if e.every_steps <= 0 or not (e.retrieval or e.zeroshot_gender):
         return None
@@ -31,9 +33,9 @@ def make_evaluator(config, graphdef, rest, tokenizer) -> Callable | None:
     if e.retrieval:
         evaluators["retrieval"] = RetrievalEvaluator(batches, kinds=tuple(d.eval_caption_kinds))
     if e.zeroshot_gender:
-        labels = _gender_labels(d.data_dir, e.split, d.name)
+        labels = gender_labels(d.data_dir, e.split, d.name)
         evaluators["zeroshot"] = ZeroShotEvaluator(batches, {"gender": paper_task("ravdess_gender", labels)}, tokenizer)
-    embedder = NetEmbedder(graphdef, rest)
+    embedder = NetEmbedder(graphdef, rest, mesh)
 
     def evaluate(params, step: int) -> dict[str, float]:
         fns = embedder.fns(params)

@@ -4,8 +4,7 @@ When the text encoder's embeddings and layers are frozen (only its pooler and th
 last-layer [CLS] state is a fixed function of the caption. `TextStateCache.build` computes it once for
 every caption of the training sources (in eval mode: frozen layers run without dropout, as in
 locked-tower tuning) and the trainer sends `text_states` [B, C, H] to the step in place of the tokens.
-That removes the text forward from every step: the demo's step (`configs/tiny.py`, 19 clips) runs 1.81x
-faster with it (BENCHMARKS.md §1).
+That removes the text forward from every step (the speed-up of the demo's step is in BENCHMARKS.md §1).
 
 It applies when every caption a batch can hold is known in advance: stages 1 and 2 (stage 3's rewritten
 negatives are made on the fly) and a text encoder frozen up to its pooler (`check_cacheable`).

@@ -10,12 +10,13 @@ Everything that varies lives in the config (configs/*.py). The work dir holds th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-import signal
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -23,19 +24,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 
-from clsp_jax import optim, sharding, weights
+from clsp_jax import convert, distributed, losses, optim, sharding, storage
 from clsp_jax.data.pipeline import make_train_iterator, train_captions
 from clsp_jax.models.clsp import CLSPNet
 from clsp_jax.models.text import TextEncoder
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train import checkpoint
+from clsp_jax.train import state as train_state
 from clsp_jax.train.evaluation import make_evaluator
 from clsp_jax.train.head_init import standardize_audio_head
 from clsp_jax.train.prefetch import Prefetcher
-from clsp_jax.train.step import captions_per_clip, init_state, make_train_step
+from clsp_jax.train.step import make_train_step
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states, check_cacheable
 
 log = logging.getLogger("clsp_jax.train")
@@ -51,17 +54,17 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
     t, d = config.train, config.data
     try:
         mesh_shape = sharding.parse_mesh_shape(t.mesh, num_devices)
-        captions_per_clip(t.objective)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        losses.resolve_objective(config.loss.objective, d.stage)
+    except ValueError as e:
+        raise ConfigError(f"loss.objective: {e}") from None
     if t.compute_dtype not in DTYPES:
         raise ConfigError(f"train.compute_dtype {t.compute_dtype!r}: choose from {sorted(DTYPES)}")
-    if captions_per_clip(t.objective) != d.stage:
-        raise ConfigError(f"train.objective {t.objective!r} needs data.stage={captions_per_clip(t.objective)}, "
-                          f"got {d.stage}")
-    if not d.data_dir or not os.path.isdir(d.data_dir):
+    if not d.data_dir or not epath.Path(d.data_dir).is_dir():
         raise ConfigError(f"data.data_dir {d.data_dir!r} is not a directory (prepare it with data_prep.prepare)")
-    if not d.tokenizer or not os.path.isfile(d.tokenizer):
+    if not d.tokenizer or not epath.Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a tokenizer.json file")
     data_parallel = mesh_shape[0] * mesh_shape[1]
     if d.batch_size_multiple % data_parallel:
@@ -69,7 +72,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
                           f"data-parallel size {data_parallel} (mesh {mesh_shape}): every batch must split evenly")
     for key in ("init_clsp", "init_speech", "init_text"):
         path = t.get(key)
-        if path and not os.path.exists(path):
+        if path and not epath.Path(path).exists():
             raise ConfigError(f"train.{key}: no checkpoint at {path}")
     if t.cache_text_states:
         text = nnx.eval_shape(lambda: TextEncoder(config.model.text.to_dict(), rngs=nnx.Rngs(0)))
@@ -88,29 +91,29 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
     return mesh_shape
 
 
+def new_net(config, param_init_seed: int) -> CLSPNet:
+    """The network of a resolved config, randomly initialised (float32 weights, the compute dtype's
+    activations)."""
+    return CLSPNet(config.model.to_dict(), rngs=nnx.Rngs(param_init_seed), dtype=DTYPES[config.train.compute_dtype],
+                   param_dtype=jnp.float32)
+
+
 def build_net(config, param_init_seed: int) -> CLSPNet:
-    """The network, randomly initialised or filled from the PyTorch checkpoints the config names."""
+    """`new_net`, filled from the PyTorch checkpoints the config names."""
     t = config.train
-    make = lambda: CLSPNet(config.model.to_dict(), rngs=nnx.Rngs(param_init_seed),
-                           dtype=DTYPES[t.compute_dtype], param_dtype=jnp.float32)
-    net = make()
+    net = new_net(config, param_init_seed)
     if t.get("init_clsp"):
-        weights.load_clsp(net, t.init_clsp)
+        convert.load_clsp(net, t.init_clsp)
     if t.get("init_speech"):
-        weights.load_speech_tower(net, t.init_speech)
+        convert.load_speech_tower(net, t.init_speech)
     if t.get("init_text"):
-        weights.load_text_tower(net, t.init_text)
+        convert.load_text_tower(net, t.init_text)
     return net
 
 
-def _state_shardings(state, mesh):
-    shardings = sharding.param_shardings(state, mesh)
-    return jax.tree.map(lambda x, s: s if getattr(x, "ndim", 0) else NamedSharding(mesh, P()), state, shardings)
-
-
-def _device_batch(host: Mapping[str, np.ndarray], mesh, captions: int, text_cache: TextStateCache | None) -> dict:
-    """Host batch (captions k-major [C*B, L]) -> global arrays, clips leading: captions [B, C, L], or their
-    cached text states [B, C, H] when there is a cache."""
+def device_batch(host: Mapping[str, np.ndarray], mesh, captions: int, text_cache: TextStateCache | None = None) -> dict:
+    """This process's host batch (captions k-major [C*B, L]) -> global arrays, clips leading: captions
+    [B, C, L], or their cached text states [B, C, H] when there is a cache."""
     b = host["audio"].shape[0]
     batch = {"audio": host["audio"], "audio_lens": host["audio_lens"]}
     if text_cache is not None:
@@ -125,22 +128,32 @@ def _device_batch(host: Mapping[str, np.ndarray], mesh, captions: int, text_cach
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard, written by process 0 only; truncated on resume to the restored step."""
+    """metrics.jsonl + TensorBoard, written by process 0 only; truncated on resume to the restored step.
+
+    A remote work dir (gs://...) has no appends: the files are written in a local staging folder and
+    uploaded whole by `sync()` (at most once a minute from `write`, and at every checkpoint and at the end),
+    so the remote copy is always at least as far as the newest checkpoint, which is all a resume keeps."""
+
+    SYNC_EVERY_S = 60.0
 
     def __init__(self, workdir: str, resume_step: int):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
         if not self.enabled:
             return
-        if os.path.exists(self.path):  # drop lines logged after the checkpoint we resume from
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+        self.remote = epath.Path(workdir)
+        self.local = epath.Path(tempfile.mkdtemp(prefix="clsp_metrics_")) if storage.is_remote(workdir) else self.remote
+        self.path = self.local / "metrics.jsonl"
+        if self.remote != self.local and (self.remote / "metrics.jsonl").exists():
+            self.path.write_text((self.remote / "metrics.jsonl").read_text())
+        if self.path.exists():  # drop lines logged after the checkpoint we resume from
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(line for line in lines
+                                         if line.strip() and json.loads(line)["step"] <= resume_step))
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.file = open(self.path, "a")
+        self.tb = SummaryWriter(str(self.local / "tensorboard"))
+        self.file = self.path.open("a")
+        self.synced = time.monotonic()
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -151,159 +164,197 @@ class MetricsLog:
         for k, v in row.items():
             if k != "step" and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
+        if time.monotonic() - self.synced > self.SYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        """Uploads the staged files to a remote work dir (nothing to do for a local one)."""
+        if not self.enabled or self.remote == self.local:
+            return
+        self.tb.flush()
+        storage.upload_tree(self.local, self.remote)
+        self.synced = time.monotonic()
 
     def close(self):
         if self.enabled:
             self.file.close()
             self.tb.close()
+            self.sync()
+            if self.remote != self.local:
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
-class Preemption:
-    """Turns SIGTERM into a flag the loop checks, so the run saves a checkpoint and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and exiting")
-        self.requested = True
-
-    def close(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
-def _text_cache(config, net: CLSPNet, tokenizer: CaptionTokenizer) -> TextStateCache:
-    """The frozen text encoder's [CLS] states of every training caption (`train.cache_text_states`)."""
+def _text_cache(config, text_graphdef, text_params, tokenizer: CaptionTokenizer) -> TextStateCache:
+    """The frozen text encoder's [CLS] states of every training caption (`train.cache_text_states`), computed
+    on the host CPU of every process from the (sharded) text-encoder parameters of the train state."""
     texts = train_captions(config.data, data_dir=config.data.data_dir)
-    return TextStateCache.build(net.text_encoder, tokenizer, texts, length=config.data.text_fixed_length or None)
+    host = multihost_utils.process_allgather(text_params, tiled=True)  # every process: the whole frozen encoder
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        encoder = nnx.merge(text_graphdef, host)
+        return TextStateCache.build(encoder, tokenizer, texts, length=config.data.text_fixed_length or None)
+
+
+# Keys a resumed run must share with the run that wrote the checkpoint: the network and objective, and what
+# decides which clips each step sees (sources, stage, buckets, batch layout, seeds). Others (steps, logging,
+# evaluation, the learning-rate schedule, the data dir's location) may change on resume.
+FIXED_ON_RESUME = ("model.", "loss.", "data.sources", "data.stage", "data.seed", "data.sample_rate",
+                   "data.bucket_boundaries_s", "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
+                   "data.stage1_caption_pool", "data.text_fixed_length", "data.text_length_buckets", "train.seed")
+
+
+def check_resume_config(config, workdir: str) -> None:
+    """Compares `config` with the config.json a previous run left in `workdir` (if any): raises ConfigError
+    naming every key of FIXED_ON_RESUME that differs, with both values; logs the other changed keys."""
+    saved_path = epath.Path(workdir) / "config.json"
+    if not saved_path.exists() or not (epath.Path(workdir) / "checkpoints").exists():
+        return
+    saved = distributed.flatten_config(json.loads(saved_path.read_text()))
+    new = distributed.flatten_config(json.loads(json.dumps(config.to_dict(), default=list)))
+    changed = [k for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)]
+    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ConfigError(f"{workdir} holds a run with another config; these cannot change on resume: "
+                          + "; ".join(f"{k} was {saved.get(k, '<unset>')}, now {new.get(k, '<unset>')}" for k in fixed)
+                          + " (use a new work dir)")
+    if changed:
+        log.info("config changed on resume: %s", "; ".join(f"{k}: {saved.get(k, '<unset>')} -> {new.get(k, '<unset>')}"
+                                                           for k in changed))
 
 
 def _write_run_files(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=list)
-    shutil.copyfile(config.data.tokenizer, os.path.join(workdir, "tokenizer.json"))
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    (workdir / "tokenizer.json").write_text(epath.Path(config.data.tokenizer).read_text())
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with what follows from other keys filled in: the objective (from data.stage unless
+    loss.objective names one) and, for objectives with a learnable logit bias, the network's
+    model.logit_bias_init. The work dir's config.json is this resolved config."""
+    config = config.copy_and_resolve_references()
+    config.loss.objective = losses.resolve_objective(config.loss.objective, config.data.stage)
+    if losses.OBJECTIVES[config.loss.objective].logit_bias and config.model.get("logit_bias_init") is None:
+        config.model.logit_bias_init = config.loss.logit_bias_init
+    return config
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics (train and final eval).
 
     Args:
-      config: a resolved config (configs/*.py get_config(), with overrides).
+      config: a config (configs/*.py get_config(), with overrides); resolved here (`resolve_config`).
       workdir: where config, metrics and checkpoints live; an existing one is resumed.
     """
-    sharding.maybe_initialize_distributed()
-    mesh_shape = check_config(config, jax.device_count())
-    workdir = os.path.abspath(workdir)
+    try:
+        distributed.initialize()
+        distributed.check_launch(jax.devices()[0].platform, jax.local_device_count())
+        mesh_shape = check_config(config, jax.device_count())
+        config = resolve_config(config)
+        distributed.check_same_config(config.to_dict())
+        workdir = os.fspath(storage.resolve(workdir))
+        distributed.check_shared_workdir(workdir)
+        check_resume_config(config, workdir)
+    except ValueError as e:  # ConfigError included: one line, before anything compiles or is written
+        raise ConfigError(str(e)) from None
     t = config.train
-    if t.get("compilation_cache_dir"):  # restarts (resume, the demo) skip recompiling the step
+    # Restarts (resume, the demo) skip recompiling the step. Not with several CPU processes: only process 0
+    # writes the cache and the others' cache keys differ, so after a restart process 0 would load the step at
+    # once while the others recompile, and gloo gives up on a collective whose peers are 30 s apart.
+    if t.get("compilation_cache_dir") and (jax.process_count() == 1 or jax.devices()[0].platform != "cpu"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(t.compilation_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+        # Everything, down to the few hundred small programs of the network's eager initialisation (seconds each
+        # time otherwise).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     _write_run_files(config, workdir)
 
     mesh = sharding.make_mesh(mesh_shape)
     tokenizer = CaptionTokenizer(config.data.tokenizer, buckets=config.data.text_length_buckets)
     data = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count())
-
     manager = checkpoint.make_manager(workdir, every_steps=t.checkpoint_every_steps,
                                       every_minutes=t.checkpoint_every_minutes, keep=t.keep_checkpoints,
                                       best_metric=t.get("keep_best_metric"))
     resuming = manager.latest_step() is not None
-    clock = time.time()
-    net = build_net(config, t.seed)
-    log.info("built the network in %.1f s", time.time() - clock)
-    captions = captions_per_clip(t.objective)
-    if t.audio_head_init_batches and not resuming:  # a resumed run restores the trained head instead
-        first = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-        standardize_audio_head(net, (_device_batch(host, mesh, captions, None) for host in first),
-                               t.audio_head_init_batches)
-    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-    tx, schedule = optim.make_optimizer(config.optim.to_dict(), params)
-    text_cache = _text_cache(config, net, tokenizer) if t.cache_text_states else None
-    state = init_state(net, tx, ema=config.optim.get("ema_decay") is not None)
-    shardings = _state_shardings(state, mesh)
-    sharding.check_no_large_replicated(state["params"], shardings["params"], mesh)
-    state = jax.device_put(state, shardings)
-    del net, params
+    captions = losses.OBJECTIVES[config.loss.objective].captions
+    ema = config.optim.get("ema_decay") is not None
+    make_net = lambda: new_net(config, t.seed)
+    abstract_net = nnx.eval_shape(make_net)
+    graphdef, abstract_params, rest = nnx.split(abstract_net, nnx.Param, ...)
+    tx, schedule = optim.make_optimizer(config.optim.to_dict(), abstract_params)
 
-    start = 0
-    if resuming:
-        state, data_state = checkpoint.restore(manager, checkpoint.abstract_like(state, shardings))
+    if resuming:  # straight into the shardings: no initial state is built
+        target = train_state.abstract_state(make_net, tx, mesh, ema)
+        state, data_state = checkpoint.restore(manager, target)
+        shardings = jax.tree.map(lambda x: x.sharding, target)
         data.set_state(data_state)
-        start = int(state["step"])
-        log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), start)
+        log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state["step"]))
+    else:
+        # Built (filled from checkpoints, its audio head initialised) on the host CPU; each process then copies
+        # its own devices' shards into the sharded state.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            clock = time.time()
+            net = build_net(config, t.seed)
+            log.info("built the network in %.1f s", time.time() - clock)
+            if t.audio_head_init_batches:
+                first = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
+                                            process_index=jax.process_index(), process_count=jax.process_count())
+                standardize_audio_head(net, first, t.audio_head_init_batches)
+        state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema, params=train_state.params_of(net))
+        del net
+    text_cache = None
+    if t.cache_text_states:
+        text_cache = _text_cache(config, nnx.graphdef(abstract_net.text_encoder), state["params"]["text_encoder"],
+                                 tokenizer)
+    sharding.check_no_large_replicated(state["params"], shardings["params"], mesh)
+    start = int(state["step"])
 
-    evaluate = make_evaluator(config, graphdef, rest, tokenizer)
-    step_cfg = dict(t.to_dict(), ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen))
-    step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, step_cfg, mesh),
-                      in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
-    metrics_log = MetricsLog(workdir, start)
-    preemption = Preemption()
-    progress = _Progress(start, t.num_steps)
-    pending, last, nonfinite_total, streak = None, {}, 0, 0
+    evaluate = make_evaluator(config, graphdef, rest, tokenizer, mesh)
+    step_fn = sharding.jit_train_step(
+        make_train_step(graphdef, rest, tx, schedule, objective=config.loss.objective, loss_cfg=config.loss.to_dict(),
+                        seed=t.seed, ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen),
+                        mesh=mesh),
+        shardings, mesh)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    distributed.log_preflight(mesh, workdir, f"{config.data.max_audio_seconds_per_batch / data_parallel:g} s of "
+                              f"padded audio per device and step")
+    report = _Reporter(MetricsLog(workdir, start), _Progress(t.num_steps), t)
+    preemption = distributed.Preemption(t.preemption_check_every_steps)
+    # Batches are loaded and put on the devices in a thread while the step runs (clsp_jax.train.prefetch).
+    batches = Prefetcher(data, lambda host: device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
 
-    def flush(pending):
-        """Fetches a dispatched step's metrics (one step late, so the host never waits on the device).
-
-        Returns the number of consecutive non-finite (skipped) updates so far."""
-        nonlocal last, nonfinite_total, streak
-        step, metrics, clips, audio_s, waited = pending
-        metrics = jax.device_get(metrics)
-        nonfinite_total += int(metrics["nonfinite"])
-        streak = streak + 1 if metrics["nonfinite"] else 0
-        progress.update(step, clips, audio_s, waited)
-        if (step + 1) % t.log_every_steps == 0 or step + 1 == t.num_steps:
-            last = {**{k: float(v) for k, v in metrics.items()}, "nonfinite_total": nonfinite_total,
-                    **progress.rates()}
-            metrics_log.write(step + 1, last)
-            progress.print(step + 1, last)
-        return streak
-
-    def check_streak(streak: int) -> None:
-        if streak > t.max_nonfinite_streak:
-            raise FloatingPointError(f"{streak} consecutive non-finite losses "
-                                     f"(more than train.max_nonfinite_streak={t.max_nonfinite_streak})")
-
-    def eval_and_save(step: int, final: bool) -> None:
+    def evaluate_and_save(step: int, final: bool) -> None:
         """Periodic (or final) evaluation, then a checkpoint when the policy (or `final`) asks for one."""
         eval_metrics = None
-        due = step % config.eval.every_steps == 0 or final
-        if evaluate is not None and due and not preemption.requested:
+        if evaluate is not None and (step % config.eval.every_steps == 0 or final) and not preemption.requested:
             eval_metrics = evaluate(state["params"], step)
-            metrics_log.write(step, eval_metrics)
-            last.update(eval_metrics)
-            progress.print_eval(step, eval_metrics)
-            progress.restart_window()  # the rates measure training steps, not the evaluation
-        if manager.latest_step() != step:
-            checkpoint.save(manager, step, state, batches.state, metrics=eval_metrics, force=final)
+            report.evaluation(step, eval_metrics)
+        if manager.latest_step() != step and checkpoint.save(manager, step, state, batches.state,
+                                                             metrics=eval_metrics, force=final):
+            report.metrics_log.sync()
 
-    step = start
-    # Batches are loaded and put on the devices in a thread while the step runs (clsp_jax.train.prefetch).
-    batches = Prefetcher(data, lambda host: _device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
+    step, in_flight = start, None
     try:
         while step < t.num_steps:
             waited = time.perf_counter()
             host, batch = next(batches)
             waited = time.perf_counter() - waited  # > 0 only when the input pipeline is behind the step
             state, metrics = step_fn(state, batch)
-            done, pending = pending, (step, metrics, len(host["audio_lens"]) * jax.process_count(),
-                                      float(np.sum(host["audio_lens"])) / config.data.sample_rate
-                                      * jax.process_count(), waited)
+            done, in_flight = in_flight, _InFlight(step, metrics, len(host["audio_lens"]) * jax.process_count(),
+                                                   float(np.sum(host["audio_lens"])) / config.data.sample_rate
+                                                   * jax.process_count(), waited)
             step += 1  # = state["step"], so a checkpoint saved from here on is labelled with its own step
             if done is not None:
-                check_streak(flush(done))
-            if preemption.requested:
+                report.train_step(done)
+            if preemption.agreed(step):
                 break
             if step < t.num_steps:
-                eval_and_save(step, final=False)
-        if pending is not None:
-            check_streak(flush(pending))
-        eval_and_save(step, final=True)
+                evaluate_and_save(step, final=False)
+        if in_flight is not None:
+            report.train_step(in_flight)
+        evaluate_and_save(step, final=True)
     except FloatingPointError as e:
         if manager.latest_step() != step:
             checkpoint.save(manager, step, state, batches.state, force=True)
@@ -314,19 +365,61 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batches.close()
         manager.wait_until_finished()
         preemption.close()
-        metrics_log.close()
-    return last
+        report.close()
+    return report.last
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose metrics are still on the device. They are read one step late, while the
+    next step runs, so the host never waits on the device."""
+
+    step: int  # 0-based index of the step; the state after it is at step + 1
+    metrics: dict  # device scalars
+    clips: int  # clips in the global batch
+    audio_seconds: float  # real (unpadded) audio in the global batch
+    data_wait: float  # seconds the loop waited for this batch
+
+
+class _Reporter:
+    """Turns finished steps and evaluations into metrics.jsonl rows, TensorBoard scalars and progress lines,
+    and stops the run (FloatingPointError) when the state's streak of skipped non-finite updates exceeds
+    train.max_nonfinite_streak."""
+
+    def __init__(self, metrics_log: MetricsLog, progress: "_Progress", train_config):
+        self.metrics_log, self.progress, self.t = metrics_log, progress, train_config
+        self.last: dict = {}
+
+    def train_step(self, done: _InFlight) -> None:
+        metrics = jax.device_get(done.metrics)
+        self.progress.update(done.clips, done.audio_seconds, done.data_wait)
+        step = done.step + 1
+        if step % self.t.log_every_steps == 0 or step == self.t.num_steps or metrics["nonfinite_streak"]:
+            self.last = {**{k: float(v) for k, v in metrics.items()}, **self.progress.rates()}
+            self.metrics_log.write(step, self.last)
+            self.progress.print(step, self.last)
+        if metrics["nonfinite_streak"] > self.t.max_nonfinite_streak:
+            raise FloatingPointError(f"{int(metrics['nonfinite_streak'])} consecutive non-finite losses "
+                                     f"(more than train.max_nonfinite_streak={self.t.max_nonfinite_streak})")
+
+    def evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.metrics_log.write(step, metrics)
+        self.last.update(metrics)
+        self.progress.print_eval(step, metrics)
+        self.progress.restart_window()  # the rates measure training steps, not the evaluation
+
+    def close(self) -> None:
+        self.metrics_log.close()
 
 
 class _Progress:
     """steps/s, clips/s, audio-hours/s, the share of time spent waiting for data, and ETA, over a sliding
     window of steps."""
 
-    def __init__(self, start: int, total: int):
+    def __init__(self, total: int):
         self.total, self.window = total, []
-        self.t0 = time.time()
 
-    def update(self, step, clips, audio_s, waited):
+    def update(self, clips, audio_s, waited):
         self.window = (self.window + [(time.time(), clips, audio_s, waited)])[-20:]
 
     def restart_window(self):

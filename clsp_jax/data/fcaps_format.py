@@ -14,7 +14,12 @@ buckets without reading audio.
 Waveforms are stored as **int16** PCM at 16 kHz: half the bytes of float32 (FCaps-Emilia is 46.8k
 hours: ~5.4 TB as int16 vs ~10.8 TB as float32), and lossless for the 16-bit sources FCaps audio
 comes from; the quantisation noise of resampled audio (-96 dB) is far below anything the model
-sees. The pipeline converts to float32 / 32768.
+sees. ``to_int16`` stores a waveform; the pipeline converts back to float32 / 32768.
+
+Written by ``python -m data_prep.prepare``; read by the input pipeline (clsp_jax.data.pipeline) and the
+evaluation. A prepared data dir can be read from a ``gs://`` URL (metadata through etils.epath and gcsfs,
+shards through ArrayRecord's own GCS reader); the writer needs a local folder (ArrayRecord cannot write
+``gs://``): prepare locally, then copy it to the bucket.
 """
 
 from __future__ import annotations
@@ -22,11 +27,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-from pathlib import Path
+import os
+import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from tensorflow_datasets.core import example_serializer
+
+from clsp_jax import storage
+
+# A local data dir's paths are pathlib paths, a URL's are etils.epath paths (pathlib would turn gs://b into
+# gs:/b); both have pathlib's methods, except that epath refuses recursive globs.
+Path = pathlib.Path | epath.Path
 
 DEFAULT_NAME = "fcaps"
 VERSION = "1.0.0"
@@ -43,7 +56,7 @@ def features() -> tfds.features.FeaturesDict:
         {
             "id": text(),
             # Tensor, not Audio (Audio needs TensorFlow). BYTES stores the raw PCM: the default
-            # (one int64 varint per sample) is 3x larger and ~400x slower to decode.
+            # (one int64 varint per sample) is several times larger and far slower to decode.
             "waveform": tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding=tfds.features.Encoding.BYTES),
             "num_samples": tfds.features.Scalar(dtype=np.int32),
             "duration": tfds.features.Scalar(dtype=np.float32),  # seconds = num_samples / 16000
@@ -74,8 +87,15 @@ class ExampleSerializer:
         return proto.SerializeToString(deterministic=True)
 
 
-def builder_dir(data_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
-    return Path(data_dir) / name / VERSION
+def to_int16(x: np.ndarray) -> np.ndarray:
+    """float [-1, 1] -> int16 PCM (rounded, saturating: resampling can overshoot full scale)."""
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def builder_dir(data_dir: str | os.PathLike, name: str = DEFAULT_NAME) -> Path:
+    """``<data_dir>/<name>/<VERSION>``: a pathlib.Path for a local data dir, an etils.epath.Path for a URL."""
+    root = epath.Path(data_dir) if storage.is_remote(data_dir) else pathlib.Path(data_dir)
+    return root / name / VERSION
 
 
 def shard_name(name: str, split: str, index: int, count: int) -> str:
@@ -145,12 +165,12 @@ def write_metadata(bdir: Path, name: str, splits: dict[str, dict]) -> None:
     )
 
 
-def open_split(data_dir: str | Path, split: str, name: str = DEFAULT_NAME):
+def open_split(data_dir: str | os.PathLike, split: str, name: str = DEFAULT_NAME):
     """Random-access data source of decoded examples (dicts of numpy / bytes)."""
-    return tfds.data_source(name, data_dir=str(data_dir), split=split)
+    return tfds.data_source(name, data_dir=os.fspath(data_dir), split=split)
 
 
-def load_num_samples(data_dir: str | Path, split: str, name: str = DEFAULT_NAME) -> np.ndarray:
+def load_num_samples(data_dir: str | os.PathLike, split: str, name: str = DEFAULT_NAME) -> np.ndarray:
     """int32 [num_examples] sample counts of a split, from the sidecar written at preparation."""
     path = num_samples_path(builder_dir(data_dir, name), name, split)
     if not path.exists():
@@ -158,4 +178,5 @@ def load_num_samples(data_dir: str | Path, split: str, name: str = DEFAULT_NAME)
             f"{path} is missing: prepare the split with data_prep.prepare (it writes the "
             "num_samples sidecar the pipeline plans duration buckets with)"
         )
-    return np.load(path)
+    with path.open("rb") as f:  # np.load of a path string reads local files only
+        return np.load(f)

@@ -1,0 +1,23 @@
+"""The paper's zero-shot tasks: for each, the label field it predicts and its prompts in the authors' order.
+
+    ZERO_SHOT_TASKS[name] = (label_key, [(prompt, label), ...])
+
+`label_key` names the label in a manifest cut's ``supervisions[0].custom`` (``data_prep.eval_sets`` writes
+these labels). Several prompts may predict one label: IEMOCAP's "excited" prompt predicts happy, as its exc
+class is merged into hap (the paper's 4 classes).
+"""
+
+EMOTION_PROMPT = "A speaker in a {} tone."
+
+ZERO_SHOT_TASKS = {
+    "ravdess_emotion": ("emotion", [(EMOTION_PROMPT.format(e), e) for e in
+                                    ("angry", "calm", "disgust", "fear", "happy", "sad", "surprised", "neutral")]),
+    "ravdess_gender": ("gender", [("A male speaker.", "male"), ("A female speaker.", "female")]),
+    "cremad_emotion": ("emotion", [(EMOTION_PROMPT.format(e), e) for e in
+                                   ("happy", "sad", "angry", "fear", "disgust", "neutral")]),
+    "cremad_age": ("age_bin", [("A child or young teenager speaker.", "<20"), ("An adult speaker.", "20-39"),
+                               ("A middle-aged speaker.", "40-59"), ("An older or elder speaker.", ">=60")]),
+    "iemocap_emotion": ("emotion", [(EMOTION_PROMPT.format(e), label) for e, label in
+                                    (("happy", "happy"), ("excited", "happy"), ("angry", "angry"),
+                                     ("sad", "sad"), ("neutral", "neutral"))]),
+}
