@@ -11,8 +11,8 @@ trainer needs on top of that:
 - `check_same_config(config)`: every process must run the same resolved config; a process with a different
   override stops all of them before anything compiles, naming the differing keys.
 - `Preemption`: SIGTERM sets a flag on the process that got it; `agreed(step)` combines the flags of all
-  processes with one small all-gather every few steps, so every process leaves the loop after the same step
-  and they write one checkpoint together (a process that stopped alone would leave the others waiting in a
+  processes through the coordination service every few steps, so every process leaves the loop after the
+  same step and they write one checkpoint together (a process that stopped alone would leave the others waiting in a
   collective). JAX's own preemption notice (Orbax's `reached_preemption`) was not used: the signal handler
   it relies on is replaced by any Python handler, and it does nothing for a single process.
 - A process that dies (kill -9, a lost host) stops sending heartbeats; after `CLSP_HEARTBEAT_TIMEOUT_S`
@@ -31,8 +31,6 @@ import os
 import signal
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -154,21 +152,39 @@ def check_shared_workdir(workdir: str, timeout_s: float = 300.0) -> None:
                          "a gs:// path")
 
 
-class Preemption:
-    """SIGTERM -> a flag; `agreed(step)` is True on every process once any process got SIGTERM.
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+    """Every process waits here until all have arrived (no-op for one process). Host-side only: the
+    coordination service's barrier, no device computation."""
+    if jax.process_count() > 1:
+        _client().wait_at_barrier(name, int(timeout_s * 1000))
 
-    With several processes the flags are combined by an all-gather of a few bytes every `every_steps` steps:
-    every process calls `agreed` at the same point of the same step, so all leave the loop together. The
-    all-gather waits for the step in flight, so checking every step would stop the host from running ahead
-    of the devices; every 10 steps costs little and still stops within seconds of the signal. One process
-    checks its own flag at every step.
+
+def leave_together(timeout_s: float = 5.0) -> None:
+    """Waits up to `timeout_s` for every process at an exit barrier (errors ignored: peers may be dead or
+    stuck in a collective, and then this process leaves alone)."""
+    try:
+        _client().wait_at_barrier("clsp_exit", int(timeout_s * 1000))
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+class Preemption:
+    """SIGTERM -> a flag; `agreed(step)` is True on every process, at the same step, once any process got
+    SIGTERM.
+
+    With several processes the flags are combined every `every_steps` steps through the coordination
+    service (each process publishes its flag under a key of that step, all meet at a barrier, all read the
+    same keys): no device computation, so the host keeps running ahead of the devices, and each check costs
+    one barrier round trip. One process checks its own flag at every step. `stopping` is the agreed value
+    (the local flag alone must not decide anything collective, such as skipping an evaluation).
 
     Create it after `initialize()`: `jax.distributed.initialize()` installs a SIGTERM handler of its own,
     which this one replaces (JAX's would let the signal pass unnoticed by the loop).
     """
 
-    def __init__(self, every_steps: int = 10):
-        self.requested, self.every_steps = False, max(1, int(every_steps))
+    def __init__(self, every_steps: int = 10, timeout_s: float = 3600.0):
+        self.requested, self.stopping = False, False
+        self.every_steps, self.timeout_ms = max(1, int(every_steps)), int(timeout_s * 1000)
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
@@ -177,15 +193,17 @@ class Preemption:
 
     def agreed(self, step: int) -> bool:
         if jax.process_count() == 1:
-            return self.requested
-        if step % self.every_steps:
-            return False
-        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-        if np.any(flags) and not self.requested:
-            log.warning("process(es) %s got SIGTERM: stopping after step %d with them",
-                        np.flatnonzero(np.reshape(flags, -1)).tolist(), step)
-        self.requested = bool(np.any(flags))
-        return self.requested
+            self.stopping = self.requested
+        elif step % self.every_steps == 0:
+            client, me = _client(), jax.process_index()
+            if self.requested:
+                client.key_value_set(f"clsp_stop/{step}/{me}", "1")
+            client.wait_at_barrier(f"clsp_stop_check_{step}", self.timeout_ms)
+            asking = sorted(int(k.rsplit("/", 1)[1]) for k, _ in client.key_value_dir_get(f"clsp_stop/{step}/"))
+            if asking and not self.requested:
+                log.warning("process(es) %s got SIGTERM: stopping after step %d with them", asking, step)
+            self.stopping = bool(asking)
+        return self.stopping
 
     def close(self):
         signal.signal(signal.SIGTERM, self._previous)

@@ -36,7 +36,7 @@ objective means writing its loss and one `OBJECTIVES` entry here, nothing else.
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,9 +1,11 @@
-"""Fixtures shared by the CLI tests (test_embed.py, test_eval_cli.py): a saved tiny CLSP and an in-process
-runner of the test module's `cli.main`."""
+"""Fixtures shared by test modules: the CLI tests' (test_embed.py, test_eval_cli.py) saved tiny CLSP and
+in-process runner of the test module's `cli.main`; the GCS emulator of the gs:// tests (`gcs`, `gcs_path`,
+one emulator for the session, started on first use)."""
 
 import pytest
 
 from eval_fixtures import cli_runner, saved_tiny_clsp
+from gcs_emulator import gcs, gcs_path  # noqa: F401  (pytest fixtures)
 
 
 @pytest.fixture(scope="module")

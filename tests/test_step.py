@@ -6,9 +6,6 @@ run as a script prints a JSON report); the pytest side only asserts on the repor
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -21,7 +18,7 @@ from clsp_jax.train.state import init_state
 from clsp_jax.train.step import make_train_step
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states
 from eval_fixtures import TOKENIZER
-from train_fixtures import minilm_vocab_net, tone_batch
+from train_fixtures import minilm_vocab_net, report_on_fake_devices, tone_batch
 
 CAPTIONS = ["A man speaks quickly in a low voice.", "Loud and high-pitched.",
             "A woman with a Scottish accent talks slowly, quietly and with a lively melody, then speeds up."]
@@ -136,16 +133,7 @@ def _siglip_report() -> dict:
 
 @pytest.fixture(scope="module")
 def siglip_report():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    # LLVM -O0: XLA:CPU compiles the two train steps faster; both sides of the comparison share it.
-    flags = " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags + " --xla_llvm_disable_expensive_passes=true").strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return report_on_fake_devices(__file__)
 
 
 def test_siglip_step_sharded_equals_dense(siglip_report):

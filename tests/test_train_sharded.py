@@ -9,13 +9,10 @@ file run as a script prints a JSON report); the pytest side only asserts on the 
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from train_fixtures import small_model_config, tone_batch
+from train_fixtures import report_on_fake_devices, small_model_config, tone_batch
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 TRAIN = dict(objective="multi_positive", loss_cfg={}, seed=0, ema_decay=0.9)
@@ -136,16 +133,7 @@ def _report() -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    # LLVM -O0: XLA:CPU compiles the four train steps ~25% faster; both sides of each comparison share it.
-    flags = " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags + " --xla_llvm_disable_expensive_passes=true").strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return report_on_fake_devices(__file__)
 
 
 def _mesh_id(mesh):

@@ -91,6 +91,7 @@ def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):
     assert make_manager(str(run), read_only=True).latest_step() == rows[-1]["step"] + 1
 
 
+@pytest.mark.slow  # the default run covers SIGTERM, kill -9 and resume with 2 processes (test_multihost_train.py)
 def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data_dir):
     steps = ["--config.train.num_steps=8", "--config.train.checkpoint_every_steps=3",
              "--config.train.checkpoint_every_minutes=0"]

@@ -41,7 +41,12 @@ def _exit(code: int, message: str) -> None:
 
     if jax.process_count() > 1:
         sys.stdout.flush()
-        os._exit(code)
+        try:  # processes failing together (a config error) leave together, so none is cut off mid-message
+            from clsp_jax.distributed import leave_together
+
+            leave_together()
+        finally:
+            os._exit(code)
     sys.exit(code)
 
 

@@ -259,6 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check_resume_config(config, workdir)
     except ValueError as e:  # ConfigError included: one line, before anything compiles or is written
         raise ConfigError(str(e)) from None
+    distributed.barrier("clsp_config_checked")  # every process has read the old config.json before it changes
     t = config.train
     # Restarts (resume, the demo) skip recompiling the step. Not with several CPU processes: only process 0
     # writes the cache and the others' cache keys differ, so after a restart process 0 would load the step at
@@ -328,7 +329,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def evaluate_and_save(step: int, final: bool) -> None:
         """Periodic (or final) evaluation, then a checkpoint when the policy (or `final`) asks for one."""
         eval_metrics = None
-        if evaluate is not None and (step % config.eval.every_steps == 0 or final) and not preemption.requested:
+        if evaluate is not None and (step % config.eval.every_steps == 0 or final) and not preemption.stopping:
+            # The step in flight finishes first: its cross-process collectives and the evaluation's must not
+            # interleave differently on different processes.
+            jax.block_until_ready(state)
             eval_metrics = evaluate(state["params"], step)
             report.evaluation(step, eval_metrics)
         if manager.latest_step() != step and checkpoint.save(manager, step, state, batches.state,
