@@ -108,7 +108,7 @@ def time_component(name: str, module: nnx.Module, prefix: str, call: Callable, i
     """
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
-    trains = [not flops.is_frozen(frozen, "/".join(filter(None, (prefix, optim.param_path(path)))))
+    trains = [not flops.is_frozen(frozen, "/".join(filter(None, (prefix, sharding.path_str(path)))))
               for path, _ in leaves]
     trainable = [x for (_, x), t in zip(leaves, trains) if t]
     fixed = [x for (_, x), t in zip(leaves, trains) if not t]
@@ -290,7 +290,7 @@ def run(args, config) -> dict:
     build_s = time.perf_counter() - start
     if cached:  # as the trainer's check_config: only a text encoder frozen below its pooler is cached
         params = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(net, nnx.Param)))[0]
-        check_cacheable([optim.param_path(p) for p, _ in params], list(config.optim.frozen), int(config.data.stage))
+        check_cacheable([sharding.path_str(p) for p, _ in params], list(config.optim.frozen), int(config.data.stage))
     mesh = sharding.make_mesh(sharding.parse_mesh_shape(t.mesh, jax.device_count()))
     host = synthetic_batch(clips, samples, captions, length, int(config.model.text.vocab_size),
                            int(config.data.stage), seed=int(t.seed), text_hidden=hidden if cached else 0)

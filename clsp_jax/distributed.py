@@ -77,6 +77,12 @@ def flatten_config(tree, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(tree, default=str, sort_keys=True)}
 
 
+def config_differences(a: dict, b: dict) -> list[tuple[str, str, str]]:
+    """(key, value in a, value in b) for every key whose value differs between two flattened configs
+    (`flatten_config`), sorted by key; a missing key's value is "<unset>"."""
+    return [(k, a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def _client():
     """The coordination service's client (key-value store and barriers). jax has no public accessor for it;
     this is the object `jax.distributed.initialize()` creates."""
@@ -98,10 +104,8 @@ def check_same_config(config: dict, timeout_s: float = 300.0) -> None:
     client.key_value_set(f"clsp_config/{me}", json.dumps(flatten_config(config)))
     client.wait_at_barrier("clsp_config_published", int(timeout_s * 1000))
     everyone = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in client.key_value_dir_get("clsp_config/")}
-    ref = everyone[0]
-    differing = [f"{key} is {ref.get(key, '<missing>')} on process 0 but {theirs.get(key, '<missing>')} on process {p}"
-                 for p, theirs in sorted(everyone.items()) for key in sorted(set(ref) | set(theirs))
-                 if ref.get(key) != theirs.get(key)]
+    differing = [f"{key} is {a} on process 0 but {b} on process {p}"
+                 for p, theirs in sorted(everyone.items()) for key, a, b in config_differences(everyone[0], theirs)]
     # Every process has read every config before any of them stops (and takes the coordinator down with it).
     client.wait_at_barrier("clsp_config_compared", int(timeout_s * 1000))
     if differing:

@@ -27,6 +27,7 @@ import optax
 
 from clsp_jax.models.clsp import LOGIT_SCALE_MAX
 from clsp_jax.optim_config import default_optim_config
+from clsp_jax.sharding import path_str
 
 SCHEDULES = ("warmup_cosine", "eden", "constant")
 
@@ -70,29 +71,9 @@ def resolve_config(cfg: Mapping | None) -> dict:
     return out
 
 
-def param_path(keypath) -> str:
-    """A pytree key path -> "a/b/0/kernel". Handles DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey;
-    drops the trailing `.value` attribute that nnx.Variable leaves add."""
-    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
-        keypath = keypath[:-1]
-    parts = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            raise ValueError(f"unsupported pytree key {k!r} in path {keypath!r}")
-    return "/".join(parts)
-
-
 def _map_paths(fn, tree):
     """tree_map with `fn(path_str, leaf)`."""
-    return jax.tree_util.tree_map_with_path(lambda k, x: fn(param_path(k), x), tree)
+    return jax.tree_util.tree_map_with_path(lambda k, x: fn(path_str(k), x), tree)
 
 
 class _Rules:
@@ -212,7 +193,7 @@ def make_optimizer(cfg: Mapping, params) -> tuple[optax.GradientTransformation, 
     """
     cfg = resolve_config(cfg)
     rules = _Rules(cfg)
-    paths = [param_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if not paths:
         raise ValueError("make_optimizer got a params pytree without leaves")
     rules.check_matches(paths)

@@ -15,9 +15,7 @@ Typical use (see `clsp_jax.train.trainer`; the train state itself is `clsp_jax.t
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -164,21 +162,3 @@ def jit_train_step(step_fn: Callable, shardings, mesh: Mesh) -> Callable:
     """
     return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-
-
-def maybe_initialize_distributed() -> bool:
-    """Calls `jax.distributed.initialize()` when launched as one of several processes.
-
-    Recognised launches: an explicit coordinator (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID), SLURM with more than one task, and multi-worker Cloud TPU slices. Returns whether it did.
-    """
-    env = os.environ
-    multi = ("JAX_COORDINATOR_ADDRESS" in env
-             or int(env.get("SLURM_NTASKS", "1")) > 1
-             or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-    if not multi:
-        return False
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
-    return True

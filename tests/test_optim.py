@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from clsp_jax import optim, optim_config
+from clsp_jax import optim, optim_config, sharding
 from clsp_jax.models.clsp import CLSPNet
 
 TOWER = optim_config.ENCODER_LR_SCALE
@@ -43,7 +43,7 @@ def _params():
 
 
 def _flat(tree):
-    return {optim.param_path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {sharding.path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _cfg(**kw):
@@ -135,7 +135,7 @@ def test_pattern_matching_nothing_is_a_value_error():
 # ---------------------------------------------------------------- paths and groups
 
 
-def test_param_path_key_kinds():
+def test_path_str_key_kinds():
     nt = collections.namedtuple("NT", "w")
     tree = {"a": [{"k": 1.0}, (2.0,)], "nt": nt(w=3.0)}
     assert sorted(_flat(tree)) == ["a/0/k", "a/1/0", "nt/w"]
@@ -178,7 +178,7 @@ def test_default_groups_on_real_clsp_paths():
     cfg = dict(total_steps=10, warmup_steps=2, frozen=[r"^speech/"])
     tx, _ = optim.make_optimizer(cfg, params)
     state = jax.eval_shape(tx.init, params)
-    state_paths = [optim.param_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    state_paths = [sharding.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     assert not [p for p in state_paths if "speech" in p]
     mu = {p.split("/mu/", 1)[1] for p in state_paths if "/mu/" in p}
     assert mu == {p for p in paths if not p.startswith("speech/")}
@@ -194,7 +194,7 @@ def test_frozen_params_unchanged_and_state_free():
     state = tx.init(params)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     n_train = sum(1 for p in _flat(params) if not p.startswith("speech/"))
-    assert not [k for k, _ in leaves if optim.param_path(k).count("speech")]
+    assert not [k for k, _ in leaves if sharding.path_str(k).count("speech")]
     assert len(leaves) == 2 * n_train + 2  # Adam mu and nu per trainable leaf; Adam and schedule counts
 
     @jax.jit

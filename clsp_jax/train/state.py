@@ -50,11 +50,11 @@ def state_shardings(state, mesh: Mesh):
     return sharding.param_shardings(state, mesh)
 
 
-def abstract_state(make_net: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
-                   ema: bool = False):
-    """ShapeDtypeStructs with shardings of the state `init_sharded_state` would build (a restore target);
-    nothing is computed or allocated."""
-    shapes = jax.eval_shape(lambda: state_from_params(params_of(make_net()), tx, ema))
+def abstract_state(abstract_params, tx: optax.GradientTransformation, mesh: Mesh, ema: bool = False):
+    """ShapeDtypeStructs with shardings of the train state around `abstract_params` (a nested dict of the
+    parameters' ShapeDtypeStructs, e.g. from `nnx.eval_shape` of the network): a restore target; nothing is
+    computed or allocated."""
+    shapes = jax.eval_shape(lambda p: state_from_params(p, tx, ema), abstract_params)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                         state_shardings(shapes, mesh))
 
@@ -66,18 +66,20 @@ def init_sharded_state(make_net: Callable[[], nnx.Module], tx: optax.GradientTra
     The optimizer state and EMA come out of a jit whose outputs land in their shardings: no replicated copy
     of them ever exists. The parameters come from:
       params (a nested dict of host arrays, identical on every process, e.g. a network built and filled
-        on the host CPU): each process copies only its own devices' shards (`sharding.place`);
+        on the host CPU): each process copies only its own devices' shards (`sharding.place`); `make_net`
+        is not called;
       jit_init=False (default): `make_net()` run eagerly, then placed the same way;
       jit_init=True: `make_net()` traced under `jax.jit(out_shardings=...)`, so each device only ever holds
         its shards (for models too big for one device); random init only, and each random draw compiles
         on its own, so it compiles much more slowly than the eager init.
     """
     make_state = lambda: state_from_params(params_of(make_net()), tx, ema)
-    shardings = state_shardings(jax.eval_shape(make_state), mesh)
     if jit_init:
+        shardings = state_shardings(jax.eval_shape(make_state), mesh)
         return jax.jit(make_state, out_shardings=shardings)(), shardings
     if params is None:
         params = params_of(make_net())
+    shardings = state_shardings(jax.eval_shape(lambda p: state_from_params(p, tx, ema), params), mesh)
     params = sharding.place(params, shardings["params"])
     state = jax.jit(lambda p: state_from_params(p, tx, ema), out_shardings=shardings, donate_argnums=0)(params)
     return state, shardings

@@ -76,7 +76,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
             raise ConfigError(f"train.{key}: no checkpoint at {path}")
     if t.cache_text_states:
         text = nnx.eval_shape(lambda: TextEncoder(config.model.text.to_dict(), rngs=nnx.Rngs(0)))
-        paths = ["text_encoder/" + optim.param_path(k)
+        paths = ["text_encoder/" + sharding.path_str(k)
                  for k, _ in jax.tree_util.tree_flatten_with_path(nnx.state(text, nnx.Param))[0]]
         try:
             check_cacheable(paths, config.optim.frozen, d.stage)
@@ -208,17 +208,15 @@ def check_resume_config(config, workdir: str) -> None:
     saved_path = epath.Path(workdir) / "config.json"
     if not saved_path.exists() or not (epath.Path(workdir) / "checkpoints").exists():
         return
-    saved = distributed.flatten_config(json.loads(saved_path.read_text()))
-    new = distributed.flatten_config(json.loads(json.dumps(config.to_dict(), default=list)))
-    changed = [k for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)]
-    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    changed = distributed.config_differences(distributed.flatten_config(json.loads(saved_path.read_text())),
+                                             distributed.flatten_config(json.loads(json.dumps(config.to_dict(),
+                                                                                              default=list))))
+    fixed = [(k, a, b) for k, a, b in changed if k.startswith(FIXED_ON_RESUME)]
     if fixed:
         raise ConfigError(f"{workdir} holds a run with another config; these cannot change on resume: "
-                          + "; ".join(f"{k} was {saved.get(k, '<unset>')}, now {new.get(k, '<unset>')}" for k in fixed)
-                          + " (use a new work dir)")
+                          + "; ".join(f"{k} was {a}, now {b}" for k, a, b in fixed) + " (use a new work dir)")
     if changed:
-        log.info("config changed on resume: %s", "; ".join(f"{k}: {saved.get(k, '<unset>')} -> {new.get(k, '<unset>')}"
-                                                           for k in changed))
+        log.info("config changed on resume: %s", "; ".join(f"{k}: {a} -> {b}" for k, a, b in changed))
 
 
 def _write_run_files(config, workdir: str) -> None:
@@ -287,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), abstract_params)
 
     if resuming:  # straight into the shardings: no initial state is built
-        target = train_state.abstract_state(make_net, tx, mesh, ema)
+        target = train_state.abstract_state(nnx.to_pure_dict(abstract_params), tx, mesh, ema)
         state, data_state = checkpoint.restore(manager, target)
         shardings = jax.tree.map(lambda x: x.sharding, target)
         data.set_state(data_state)
