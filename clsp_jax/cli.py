@@ -1,5 +1,6 @@
-"""What the command-line programs (`clsp_jax.eval`, `clsp_jax.embed`, `clsp_jax.export`) share: bad arguments
-and bad inputs end the same way, as one line on stderr and exit code 2.
+"""What the command-line programs (`clsp_jax.eval`, `clsp_jax.embed`, `clsp_jax.export`, `data_prep.prepare`)
+share: bad arguments and bad inputs end the same way, as one line on stderr and exit code 2; checkpoints
+load through `load_model`, whose failures are such a line too.
 
     def main(argv=None) -> int:
         try:
@@ -10,7 +11,13 @@ and bad inputs end the same way, as one line on stderr and exit code 2.
 """
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clsp_jax.inference import CLSP
 
 USAGE_ERROR = 2  # the exit code argparse itself uses for bad arguments
 
@@ -27,3 +34,29 @@ def usage_error(prog: str, error: Exception) -> int:
     """Prints "<prog>: error: <error>" on stderr; returns the exit code for it (2)."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     return USAGE_ERROR
+
+
+def load_model(checkpoint: str) -> "CLSP":
+    """A `CLSP.save` folder, or a `.safetensors` file with its config.json (+ tokenizer.json) beside it.
+
+    Raises ValueError naming the checkpoint for anything that stops it loading."""
+    # Imported here: data_prep.prepare uses this module without jax.
+    from clsp_jax.inference import CLSP
+    from clsp_jax.train.checkpoint import one_line
+
+    path = Path(checkpoint)
+    torch = path.suffix == ".safetensors"
+    if torch and not path.is_file():
+        raise ValueError(f"--checkpoint {path} does not exist")
+    config_path = (path.parent if torch else path) / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--checkpoint {path} has no config.json beside it" if torch else
+                         f"--checkpoint {path} is neither a saved CLSP folder (no config.json) nor a .safetensors file")
+    try:
+        if not torch:
+            return CLSP.load(path)
+        tokenizer = path.parent / "tokenizer.json"
+        return CLSP.from_torch(str(path), json.loads(config_path.read_text()),
+                               tokenizer=str(tokenizer) if tokenizer.is_file() else None)
+    except Exception as e:  # noqa: BLE001 -- a torn or foreign file fails in its libraries' own ways
+        raise ValueError(f"--checkpoint {path} could not be loaded: {one_line(e)}") from None

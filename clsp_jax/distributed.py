@@ -163,6 +163,19 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
         _client().wait_at_barrier(name, int(timeout_s * 1000))
 
 
+def all_agree(name: str, ok: bool, timeout_s: float = 600.0) -> bool:
+    """Whether `ok` holds on every process (each process calls it with the same unique `name`); `ok` itself
+    for one process. Host-side only, through the coordination service: for decisions that each process takes
+    from its own files (a checkpoint it could read, a save it finished), which must come out the same."""
+    if jax.process_count() == 1:
+        return ok
+    client = _client()
+    if not ok:
+        client.key_value_set(f"{name}/{jax.process_index()}", "0")
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+    return not client.key_value_dir_get(f"{name}/")
+
+
 def leave_together(timeout_s: float = 5.0) -> None:
     """Waits up to `timeout_s` for every process at an exit barrier (errors ignored: peers may be dead or
     stuck in a collective, and then this process leaves alone)."""

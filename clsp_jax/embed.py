@@ -14,6 +14,11 @@ averaged to mono (as the training data preparation does), then resampled to 16 k
 `--audio-list`: one path per line (blank lines and lines starting with `#` skipped), relative paths taken
 from the list's folder. `--text-file`: one caption per line (blank lines skipped).
 
+Long audio: a file longer than `--max-audio-seconds` (default 30, the longest clips the authors trained on)
+is cut into the fewest equal-length windows of at most that length; its embedding is the mean of the
+windows' embeddings, L2-normalised again (`clsp_jax.inference`). Memory on the device depends on
+`--batch-size` and that maximum, not on the files' lengths.
+
 Writes into OUT (rows in the order of the inputs, failed files left out):
 
     audio_embeddings.npy   float32 [A, D] unit vectors; audio_files.txt names the rows
@@ -22,13 +27,13 @@ Writes into OUT (rows in the order of the inputs, failed files left out):
     failed_audio.txt       "path<TAB>reason" per file that could not be embedded (only when some failed)
 
 and prints the similarity table. Unreadable files and files shorter than 80 ms are reported, counted and
-skipped. Exit code 2 for bad arguments, or when audio was given and none of it could be embedded.
+skipped; so are empty (or blank) `--text` captions, in one line, and the other inputs are still embedded.
+Exit code 2 for bad arguments, or when nothing could be embedded.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +42,7 @@ import numpy as np
 
 from clsp_jax import cli
 from clsp_jax.evals import sources
-from clsp_jax.inference import CLSP
+from clsp_jax.inference import CLSP, MAX_AUDIO_SECONDS, max_audio_samples
 
 # The printed table shows at most this many audio rows (all of them are in similarity.npy).
 MAX_TABLE_ROWS = 50
@@ -55,30 +60,19 @@ def _parser() -> cli.ArgumentParser:
     text.add_argument("--text-file", metavar="TXT", help="a text file with one caption per line")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=16, help="clips (and captions) per forward pass")
+    p.add_argument("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS,
+                   help="longer files are embedded as the mean of windows of at most this length (seconds)")
     return p
-
-
-def load_model(checkpoint: str) -> CLSP:
-    """A `CLSP.save` folder, or a `.safetensors` file with its config.json (+ tokenizer.json) beside it."""
-    path = Path(checkpoint)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise ValueError(f"--checkpoint {path} does not exist")
-        config_path = path.parent / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"--checkpoint {path} has no config.json beside it")
-        tokenizer = path.parent / "tokenizer.json"
-        return CLSP.from_torch(str(path), json.loads(config_path.read_text()),
-                               tokenizer=str(tokenizer) if tokenizer.is_file() else None)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--checkpoint {path} is neither a saved CLSP folder (no config.json) nor a .safetensors file")
-    return CLSP.load(path)
 
 
 def _lines(path: str, what: str) -> list[str]:
     if not Path(path).is_file():
         raise ValueError(f"{what} {path} does not exist")
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def audio_paths(args) -> list[str]:
@@ -91,33 +85,48 @@ def audio_paths(args) -> list[str]:
             for p in _lines(args.audio_list, "--audio-list") if not p.startswith("#")]
 
 
-def texts(args) -> list[str]:
+def texts(args) -> tuple[list[str], str | None]:
+    """-> (the non-empty captions, in order; a line refusing the empty `--text` ones, or None)."""
     if args.text_file:
-        return _lines(args.text_file, "--text-file")
+        return _lines(args.text_file, "--text-file"), None
     found = list(args.text or [])
     if any("\n" in t or "\r" in t for t in found):
         raise ValueError("--text captions must be single lines (texts.txt holds one per line)")
-    return found
+    empty = [str(i) for i, t in enumerate(found, 1) if not t.strip()]
+    refused = None
+    if empty:
+        refused = (f"--text caption {empty[0]} is empty" if len(empty) == 1 else
+                   f"--text captions {', '.join(empty)} are empty") + ": refused (a caption must describe the voice)"
+    return [t for t in found if t.strip()], refused
 
 
 def _progress(what: str, done: int, total: int, started: float) -> None:
     print(f"{what}: {done}/{total} ({time.time() - started:.1f} s)", file=sys.stderr, flush=True)
 
 
-def embed_audio_files(model: CLSP, paths: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def embed_audio_files(model: CLSP, paths: list[str], batch_size: int, max_seconds: float = MAX_AUDIO_SECONDS
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
     """-> (embeddings float32 [len(paths), D] (zeros where failed), embedded bool [len(paths)],
-    failures {path: "reason: detail"}). Files are batched by length (sources.WaveformBatches)."""
-    batches = sources.WaveformBatches([sources.audio_file_clip(p) for p in paths], batch_size)
+    failures {path: "reason: detail"}). Files are batched by length (sources.WaveformBatches); files longer
+    than `max_seconds` are embedded in windows (`CLSP.embed_audio`) and counted on stderr."""
+    # No more rows than files: a batch pads every row to its longest file, so filler rows beside a long
+    # file would cost as much host memory as copies of it.
+    batches = sources.WaveformBatches([sources.audio_file_clip(p) for p in paths], min(batch_size, len(paths)))
     emb = np.zeros((len(paths), model.config["joint_dim"]), np.float32)
     embedded = np.zeros(len(paths), bool)
-    started, done = time.time(), 0
+    started, done, windowed, limit = time.time(), 0, 0, max_audio_samples(max_seconds)
     for batch in batches:
         rows = batch["valid"]
         if rows.any():
-            emb[batch["index"][rows]] = model.embed_audio(batch["audio"], batch["audio_lens"])[rows]
+            emb[batch["index"][rows]] = model.embed_audio(batch["audio"], batch["audio_lens"],
+                                                          max_seconds=max_seconds)[rows]
             embedded[batch["index"][rows]] = True
+            windowed += int(np.sum(batch["audio_lens"][rows] > limit))
         done += int((batch["index"] >= 0).sum())
         _progress("audio files", done, len(paths), started)
+    if windowed:
+        print(f"{windowed} audio file(s) longer than {max_seconds:g} s embedded as the mean of windows of at most "
+              f"{max_seconds:g} s", file=sys.stderr)
     failures = {p: batches.failures[p] for p, ok in zip(paths, embedded) if not ok}
     return emb, embedded, failures
 
@@ -145,32 +154,21 @@ def similarity_table(names: list[str], captions: list[str], sim: np.ndarray) -> 
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI (see the module doc); returns the exit code."""
-    try:
-        args = _parser().parse_args(argv)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        paths, captions = audio_paths(args), texts(args)
-        if not paths and not captions:
-            raise ValueError("nothing to embed: give --audio / --audio-list and/or --text / --text-file")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file")
-        model = load_model(args.checkpoint)
-        if captions and model.tokenizer is None:
-            raise ValueError(f"--checkpoint {args.checkpoint} has no tokenizer.json: cannot embed text")
-        if paths:
-            audio_emb, embedded, failures = embed_audio_files(model, paths, args.batch_size)
-            if not embedded.any():
-                raise ValueError(f"none of the {len(paths)} audio files could be embedded; first failure: "
-                                 f"{next(iter(failures.items()))}")
-    except (ValueError, OSError) as e:
-        return cli.usage_error("clsp_jax.embed", e)
+def _check_out(out: Path) -> None:
+    """Raises ValueError unless `out` is, or can be made, a folder (checked before any embedding is spent)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file")
+
+
+def write_outputs(out: Path, paths: list[str], audio_emb: np.ndarray, embedded: np.ndarray, failures: dict,
+                  captions: list[str], text_emb: np.ndarray | None) -> None:
+    """Writes the files of the module doc into `out`; prints the skipped files, the table and a summary line."""
     out.mkdir(parents=True, exist_ok=True)
-    kept = []
+    kept = [p for p, ok in zip(paths, embedded) if ok]
     if paths:
-        kept = [p for p, ok in zip(paths, embedded) if ok]
         np.save(out / "audio_embeddings.npy", audio_emb[embedded])
         (out / "audio_files.txt").write_text("".join(p + "\n" for p in kept), encoding="utf-8")
         if failures:
@@ -181,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) + f"); see {out / 'failed_audio.txt'}",
                   file=sys.stderr)
     if captions:
-        text_emb = embed_texts(model, captions, args.batch_size)
         np.save(out / "text_embeddings.npy", text_emb)
         (out / "texts.txt").write_text("".join(t + "\n" for t in captions), encoding="utf-8")
     if kept and captions:
@@ -190,6 +187,36 @@ def main(argv: list[str] | None = None) -> int:
         print(similarity_table(kept, captions, sim), end="")
     counts = ([f"{len(kept)} audio file(s)"] if paths else []) + ([f"{len(captions)} caption(s)"] if captions else [])
     print(f"embedded {' and '.join(counts)} into {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (see the module doc); returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        max_audio_samples(args.max_audio_seconds, "--max-audio-seconds")
+        paths, (captions, refused) = audio_paths(args), texts(args)
+        if not paths and not captions:
+            raise ValueError(f"nothing to embed: {refused}" if refused else
+                             "nothing to embed: give --audio / --audio-list and/or --text / --text-file")
+        out = Path(args.out)
+        _check_out(out)
+        model = cli.load_model(args.checkpoint)
+        if captions and model.tokenizer is None:
+            raise ValueError(f"--checkpoint {args.checkpoint} has no tokenizer.json: cannot embed text")
+        if refused:
+            print(f"clsp_jax.embed: {refused}", file=sys.stderr)
+        audio_emb, embedded, failures = None, np.zeros(0, bool), {}
+        if paths:
+            audio_emb, embedded, failures = embed_audio_files(model, paths, args.batch_size, args.max_audio_seconds)
+            if not embedded.any():
+                raise ValueError(f"none of the {len(paths)} audio files could be embedded; first failure: "
+                                 f"{next(iter(failures.items()))}")
+        text_emb = embed_texts(model, captions, args.batch_size) if captions else None
+        write_outputs(out, paths, audio_emb, embedded, failures, captions, text_emb)
+    except (ValueError, OSError) as e:
+        return cli.usage_error("clsp_jax.embed", e)
     return 0
 
 

@@ -5,6 +5,8 @@
     python -m clsp_jax.eval --checkpoint DIR --task zeroshot --dataset ravdess --manifest ravdess_cuts.jsonl.gz \
         --audio-root RAVDESS [--label-field emotion|gender|age_bin] [--ensemble max|mean]
     python -m clsp_jax.eval --checkpoint DIR --task similarity --ratings ratings.csv [--audio-root AUDIO]
+    python -m clsp_jax.eval --check-overlap TRAIN.jsonl.gz [TRAIN2 ...] --manifest EVAL.jsonl.gz \
+        [--audio-root AUDIO --train-audio-root TRAIN_AUDIO] [--checkpoint DIR --task ...]
 
 Manifests are Lhotse MonoCut JSONL(.gz) (`python -m data_prep.eval_sets` writes the paper's sets); their audio is
 decoded from the files (relative paths against --audio-root, default the manifest's folder) and
@@ -12,9 +14,16 @@ resampled to 16 kHz. Retrieval uses the first global and the last fine-grained c
 (after the authors' caption selection); zero-shot runs the paper's prompts of every task of --dataset
 (or the one of --label-field); the ratings CSV format is in clsp_jax.evals.sources.
 
+--check-overlap compares the evaluation manifest with training manifests (clsp_jax.evals.overlap: shared
+speakers, recording ids, audio paths, normalised transcripts; audio contents too with --train-audio-root)
+and prints one line; results.json carries the block under "overlap" ({"checked": false} without the
+flag). Without --checkpoint it only runs the check and writes OUT/overlap.json (OUT default ./eval_overlap).
+
 Writes OUT/results.json (metrics, counts, skipped and failed clips) and OUT/results.md (the table, also
 printed); OUT defaults to ./eval_<task>. Audio that is missing or cannot be decoded is skipped, counted
-and listed. Bad arguments or missing files: a one-line error and exit code 2.
+and listed. Clips longer than --max-audio-seconds (default 30) are embedded as the mean of windows of at
+most that length (`clsp_jax.inference`) and counted. Bad arguments or missing files: a one-line error and
+exit code 2.
 
 --data-dir and --out may be `gs://` URLs (read and written through etils.epath); the checkpoint, manifests,
 ratings and audio are local files.
@@ -30,15 +39,16 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from etils import epath
 
 from clsp_jax import cli, storage
 from clsp_jax.data import fcaps_format
 from clsp_jax.data.config import default_config
 from clsp_jax.data.pipeline import make_eval_batches
-from clsp_jax.evals import evaluators, sources
+from clsp_jax.evals import evaluators, overlap, sources
 from clsp_jax.evals.prompts import ZERO_SHOT_TASKS
-from clsp_jax.inference import CLSP
+from clsp_jax.inference import MAX_AUDIO_SECONDS, max_audio_samples
 
 TASKS = ("retrieval", "zeroshot", "similarity")
 DATASETS = ("ravdess", "cremad", "iemocap")
@@ -48,8 +58,13 @@ RETRIEVAL_KINDS = ("global", "finegrained")
 
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m clsp_jax.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a CLSP.save directory (config.json, params/, tokenizer.json)")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--checkpoint", help="a CLSP.save directory (config.json, params/, tokenizer.json)")
+    p.add_argument("--task", choices=TASKS)
+    p.add_argument("--check-overlap", nargs="+", metavar="TRAIN_MANIFEST",
+                   help="training manifests to check --manifest against for shared speakers, recordings and "
+                        "transcripts (alone, without --checkpoint: only the check)")
+    p.add_argument("--train-audio-root", help="with --check-overlap: root of the training manifests' audio; "
+                                              "then audio contents are compared too")
     p.add_argument("--manifest", help="Lhotse MonoCut manifest (.jsonl or .jsonl.gz)")
     p.add_argument("--data-dir", help="TFDS data dir of a prepared split (retrieval)")
     p.add_argument("--split", help="TFDS split name (with --data-dir)")
@@ -62,6 +77,8 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--ratings", help="similarity: ratings CSV")
     p.add_argument("--out", help="output folder (default ./eval_<task>)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS,
+                   help="longer clips are embedded as the mean of windows of at most this length (seconds)")
     return p
 
 
@@ -78,11 +95,25 @@ def _existing_file(path: str, what: str) -> Path:
 
 
 def _check_args(args) -> None:
+    if args.check_overlap:
+        if not args.manifest:
+            raise ValueError("--check-overlap needs --manifest (the evaluation set)")
+        for path in [*args.check_overlap, args.manifest]:
+            _existing_file(path, "--check-overlap" if path != args.manifest else "--manifest")
+        if args.train_audio_root and not Path(args.train_audio_root).is_dir():
+            raise ValueError(f"--train-audio-root {args.train_audio_root} does not exist")
+        if not args.checkpoint and not args.task:
+            return  # the check alone
+    elif args.train_audio_root:
+        raise ValueError("--train-audio-root goes with --check-overlap")
+    if not args.checkpoint or not args.task:
+        raise ValueError("--checkpoint and --task are required (or --check-overlap with --manifest alone)")
     _local(args.checkpoint, "--checkpoint")
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise ValueError(f"--checkpoint {args.checkpoint} is not a saved CLSP (no config.json)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    max_audio_samples(args.max_audio_seconds, "--max-audio-seconds")
     if args.task == "retrieval":
         if bool(args.manifest) == bool(args.data_dir or args.split):
             raise ValueError("retrieval needs either --manifest or --data-dir with --split")
@@ -102,6 +133,8 @@ def _check_args(args) -> None:
         if not args.ratings:
             raise ValueError("similarity needs --ratings (a CSV of rated pairs)")
         _existing_file(args.ratings, "--ratings")
+    if args.out and not storage.is_remote(args.out) and Path(args.out).is_file():
+        raise ValueError(f"--out {args.out} is a file")
     if args.audio_root:
         _local(args.audio_root, "--audio-root")
     if args.audio_root and not Path(args.audio_root).is_dir():
@@ -123,11 +156,24 @@ def _label(record: dict, key: str) -> str | None:
     return None if value is None else str(value)
 
 
+def _embed_fns(model, max_seconds: float, report: dict) -> tuple[evaluators.EmbedFn, evaluators.EmbedFn]:
+    """The model's embedding functions, clips longer than `max_seconds` embedded in windows and counted in
+    report["num_windowed"] (beside report["max_audio_seconds"])."""
+    limit = max_audio_samples(max_seconds)
+    report.update(max_audio_seconds=max_seconds, num_windowed=0)
+
+    def embed_audio(batch):
+        report["num_windowed"] += int(np.sum(batch["valid"] & (batch["audio_lens"] > limit)))
+        return model.embed_audio(batch["audio"], batch["audio_lens"], max_seconds=max_seconds)
+
+    return embed_audio, evaluators.model_embed_fns(model)[1]
+
+
 def _evaluate(args, model) -> tuple[dict, dict]:
-    """-> (metrics, report of the inputs: counts, skipped lines, failed clips)."""
-    embed = evaluators.model_embed_fns(model)
-    tokenizer = model.tokenizer
+    """-> (metrics, report of the inputs: counts, skipped lines, failed clips, clips embedded in windows)."""
     report = {}
+    embed = _embed_fns(model, args.max_audio_seconds, report)
+    tokenizer = model.tokenizer
     if args.task == "retrieval" and args.data_dir:
         cfg = default_config()
         cfg.eval_caption_kinds = RETRIEVAL_KINDS
@@ -136,7 +182,10 @@ def _evaluate(args, model) -> tuple[dict, dict]:
         report["num_clips"] = batches.num_clips
         return evaluators.RetrievalEvaluator(batches, RETRIEVAL_KINDS).run(*embed), report
     if args.task == "similarity":
-        clips, pairs = sources.read_ratings(args.ratings, args.audio_root)
+        try:
+            clips, pairs = sources.read_ratings(args.ratings, args.audio_root)
+        except UnicodeDecodeError:
+            raise ValueError(f"--ratings {args.ratings} is not UTF-8 text") from None
         batches = sources.WaveformBatches(clips, args.batch_size)
         report.update(num_clips=len(clips), num_pairs=len(pairs))
         metrics = evaluators.SimilarityEvaluator(batches, pairs, tokenizer).run(*embed)
@@ -144,6 +193,9 @@ def _evaluate(args, model) -> tuple[dict, dict]:
         manifest = Path(args.manifest)
         kinds = RETRIEVAL_KINDS if args.task == "retrieval" else ()
         read = sources.read_manifest(manifest, args.audio_root or manifest.parent, kinds)
+        if not read.clips:
+            raise ValueError(f"--manifest {manifest} has no usable cut ("
+                             + (", ".join(f"{r} {n}" for r, n in sorted(read.skipped.items())) or "no lines") + ")")
         report.update(num_clips=len(read.clips), skipped=dict(read.skipped))
         batches = sources.WaveformBatches(read.clips, args.batch_size, tokenizer=tokenizer, kinds=kinds)
         if args.task == "retrieval":
@@ -200,6 +252,8 @@ def markdown(task: str, metrics: dict, report: dict) -> str:
         notes.append("audio failed: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())))
     if report.get("truncated"):
         notes.append(f"truncated to their padded length: {len(report['truncated'])}")
+    if report.get("num_windowed"):
+        notes.append(f"longer than {report['max_audio_seconds']:g} s, embedded in windows: {report['num_windowed']}")
     if task == "similarity":
         notes.append(f"pairs skipped (failed audio): {metrics['num_pairs_skipped']}")
     return "\n".join(lines + ["", "; ".join(notes)]) + "\n"
@@ -228,22 +282,49 @@ def _setup_logging() -> None:
     logging.getLogger("clsp_jax").setLevel(logging.INFO)
 
 
+def _check_overlap(args) -> dict:
+    """The leakage check's report block ({"checked": False} without --check-overlap); prints its line."""
+    if not args.check_overlap:
+        return {"checked": False}
+    eval_root = (args.audio_root or Path(args.manifest).parent) if args.train_audio_root else None
+    found, unreadable = overlap.check_manifests(args.check_overlap, args.manifest,
+                                                train_audio_root=args.train_audio_root, eval_audio_root=eval_root)
+    block = overlap.overlap_summary(found, train_manifests=args.check_overlap, eval_manifest=args.manifest)
+    block["unreadable_lines"] = unreadable
+    print(overlap.summary_line(block), flush=True)
+    return block
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI (see the module doc); returns the exit code."""
     try:
         args = _parser().parse_args(argv)
         _check_args(args)
+        overlap_block = _check_overlap(args)
+        if not args.checkpoint:
+            out = epath.Path(args.out or "eval_overlap")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "overlap.json").write_text(json.dumps(overlap_block, indent=2) + "\n")
+            print(f"wrote {out / 'overlap.json'}")
+            return 0
         if args.task == "zeroshot":
             _zero_shot_task_names(args.dataset, args.label_field)
-        model = CLSP.load(args.checkpoint)
+        model = cli.load_model(args.checkpoint)
         if model.tokenizer is None:
             raise ValueError(f"--checkpoint {args.checkpoint} has no tokenizer.json")
         metrics, report = _evaluate(args, model)
+        report["overlap"] = overlap_block
         if not _evaluated(args.task, metrics):
             raise ValueError(f"no clip could be evaluated ({report.get('num_failed', 0)} of "
                              f"{report.get('num_clips', 0)} failed to load; see the warnings above)")
-    except (ValueError, FileNotFoundError) as e:
+        _write_results(args, metrics, report)
+    except (ValueError, OSError) as e:
         return cli.usage_error("clsp_jax.eval", e)
+    return 0
+
+
+def _write_results(args, metrics: dict, report: dict) -> None:
+    """OUT/results.json and OUT/results.md; prints the table."""
     out = epath.Path(args.out or f"eval_{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     inputs = {k: getattr(args, k) for k in ("manifest", "data_dir", "split", "audio_root", "dataset",
@@ -257,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table)
     print(table, end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
-    return 0
 
 
 if __name__ == "__main__":

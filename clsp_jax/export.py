@@ -13,7 +13,10 @@
 `--step` picks the checkpoint (default the latest); `--average-last N` takes the float32 mean of the N
 saved checkpoints ending at that step (the authors evaluate such averages); `--ema` takes the EMA weights
 saved with each checkpoint (train with optim.ema_decay set). Bad arguments, a work dir without
-checkpoints, a missing step or an unusable OUT: a one-line error and exit code 2.
+checkpoints, a missing step or an unusable OUT: a one-line error and exit code 2. Only whole checkpoints
+count (`clsp_jax.train.checkpoint.usable_steps`: a step folder without its commit marker, as of a save in
+progress, is not one), and one whose arrays do not read back is named with the reason, also in one line and
+exit code 2; the export never changes the run's folder.
 
 RUN may be a `gs://` URL (read through etils.epath and Orbax); OUT is a local path (copy the export to a
 bucket afterwards with `gcloud storage cp -r`).
@@ -165,13 +168,12 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, average_la
     if fmt == "orbax" and not (storage.resolve(workdir) / "tokenizer.json").is_file():
         raise ValueError(f"--workdir {workdir} has no tokenizer.json (the orbax export carries it)")
     _check_out(out, fmt, workdir)
-    manager = checkpoint.make_manager(workdir, read_only=True)
-    try:
-        saved = list(manager.all_steps())
-    finally:
-        manager.close()
+    saved, skipped = checkpoint.usable_steps(workdir)
+    if step is not None and step in skipped:
+        raise ValueError(f"the checkpoint at step {step} is {skipped[step]}; usable steps: {saved or 'none'}")
     if not saved:
-        raise ValueError(f"--workdir {workdir} has no checkpoints under {checkpoint.checkpoint_dir(workdir)}")
+        raise ValueError(f"--workdir {workdir} has no checkpoints under {checkpoint.checkpoint_dir(workdir)}"
+                         + "".join(f" (step {s} is {why})" for s, why in skipped.items()))
     steps = select_steps(saved, step, average_last)
     params, config = average_params(workdir, steps, use_ema)
     with _local_tokenizer(workdir) as tokenizer:
@@ -185,6 +187,7 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, average_la
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI (see the module doc); returns the exit code."""
+    checkpoint.quiet_reported_errors()  # a checkpoint that does not read back is reported in one line below
     try:
         args = _parser().parse_args(argv)
         steps = export(args.workdir, args.out, args.format, args.step, args.average_last, args.ema)

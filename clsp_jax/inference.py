@@ -6,6 +6,14 @@
 
 Inputs are bucketed (waveform length, batch size, token length) so repeated calls with new lengths reuse a
 handful of compiled programs instead of compiling one per shape.
+
+Long audio: a clip longer than `max_seconds` (default `MAX_AUDIO_SECONDS`, 30 s: the authors trained on clips
+of at most 30 s) is cut into the fewest consecutive, non-overlapping, equal-length windows of at most
+`max_seconds` (`audio_windows`); its embedding is the mean of its windows' embeddings, L2-normalised again.
+Equal lengths leave no short tail window to weigh as much as a full one, so no overlap is needed. Each
+forward pass holds at most `batch_bucket(B)` waveforms of at most `max_seconds` (B: the rows of the call), so
+device memory is bounded by the batch size and the window, whatever the clips' lengths; host memory holds
+the caller's waveforms.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from clsp_jax.tokenizer import CaptionTokenizer
 AUDIO_BUCKETS_S = (1, 2, 4, 8, 16, 32)
 # Shortest waveform the network accepts: 9 fbank frames give one output frame.
 MIN_SAMPLES = 1280
+# Longer clips are embedded as windows (module doc). The authors' training clips are at most this long.
+MAX_AUDIO_SECONDS = 30.0
 
 
 def audio_bucket(num_samples: int) -> int:
@@ -44,6 +54,21 @@ def audio_bucket(num_samples: int) -> int:
 def batch_bucket(n: int) -> int:
     """Next power of two >= n."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def audio_windows(num_samples: int, max_samples: int) -> list[tuple[int, int]]:
+    """[(start, stop)] sample ranges: the fewest consecutive, equal-length (to a sample) windows of at most
+    `max_samples` that cover `num_samples`; one window [(0, num_samples)] when it fits."""
+    count = max(1, -(-num_samples // max_samples))
+    edges = [k * num_samples // count for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def max_audio_samples(max_seconds: float, name: str = "max_seconds") -> int:
+    """`max_seconds` (finite, >= 1) as 16 kHz samples; raises ValueError naming `name` and the bad value."""
+    if not 1 <= max_seconds < float("inf"):  # False for NaN too
+        raise ValueError(f"{name} must be a number of seconds >= 1, got {max_seconds}")
+    return int(max_seconds * SAMPLE_RATE)
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -145,29 +170,56 @@ class CLSP:
         """input_ids, attention_mask [B, L] -> unit-norm text embeddings [B, D]."""
         return self._embed_tokens(self._state, jnp.asarray(input_ids), jnp.asarray(attention_mask))
 
-    def embed_audio(self, audio, audio_lens=None) -> np.ndarray:
-        """Raw 16 kHz waveforms -> [B, D] float32 numpy.
+    def embed_audio(self, audio, audio_lens=None, *, max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+        """Raw 16 kHz waveforms -> [B, D] float32 numpy unit vectors.
 
         Args:
           audio: [B, N] padded float waveforms (or a list of 1-D arrays), 16 kHz mono, in [-1, 1].
           audio_lens: [B] valid sample counts (default: all N, or each array's length).
+          max_seconds: clips longer than this are embedded as the normalised mean of their windows'
+            embeddings (module doc); each forward pass holds at most batch_bucket(B) windows.
         """
         audio, audio_lens = _as_padded(audio, audio_lens)
         if np.any(audio_lens < MIN_SAMPLES):
             short = np.flatnonzero(audio_lens < MIN_SAMPLES).tolist()
             raise ValueError(f"audio rows {short} are shorter than {MIN_SAMPLES} samples (80 ms at 16 kHz)")
-        n, rows = audio_bucket(int(audio_lens.max())), batch_bucket(len(audio))
-        padded = np.zeros((rows, n), np.float32)
-        padded[: len(audio), : audio.shape[1]] = audio[:, :n]
-        lens = _pad_rows(audio_lens, rows)
-        lens[len(audio):] = MIN_SAMPLES  # filler rows: valid but discarded
+        max_samples = max_audio_samples(max_seconds)
+        pieces = [(row, start, stop) for row, n in enumerate(audio_lens.tolist())
+                  for start, stop in audio_windows(n, max_samples)]
+        per_pass = batch_bucket(len(audio))
+        total = np.zeros((len(audio), self.config["joint_dim"]), np.float32)
+        for first in range(0, len(pieces), per_pass):
+            chunk = pieces[first:first + per_pass]
+            rows = np.array([row for row, _, _ in chunk])
+            emb = self._embed_waveforms([audio[row, start:stop] for row, start, stop in chunk], per_pass)
+            np.add.at(total, rows, emb)
+        # A windowed row holds the sum of its windows' unit vectors: normalised, that is their normalised mean.
+        windowed = np.bincount([row for row, _, _ in pieces], minlength=len(audio)) > 1
+        total[windowed] /= np.linalg.norm(total[windowed], axis=-1, keepdims=True)
+        return total
+
+    def _embed_waveforms(self, waves: list[np.ndarray], rows: int) -> np.ndarray:
+        """waves: 1-D float32 arrays of MIN_SAMPLES or more -> [len(waves), D], in one forward pass padded to
+        `rows` rows (filler rows are valid but discarded) of their longest wave's `audio_bucket`."""
+        lens = np.full(rows, MIN_SAMPLES, np.int32)
+        lens[: len(waves)] = [len(w) for w in waves]
+        padded = np.zeros((rows, audio_bucket(int(lens.max()))), np.float32)
+        for row, wave in enumerate(waves):
+            padded[row, : len(wave)] = wave
         feats, feat_lens = self._fbank(jnp.asarray(padded), jnp.asarray(lens))
-        return np.asarray(self.embed_features(feats, feat_lens))[: len(audio)]
+        return np.asarray(self.embed_features(feats, feat_lens))[: len(waves)]
 
     def embed_text(self, text: Sequence[str]) -> np.ndarray:
-        """Captions -> [B, D] float32 numpy, tokenised with the model's tokenizer."""
+        """Captions -> [B, D] float32 numpy, tokenised with the model's tokenizer.
+
+        Raises ValueError for an empty (or whitespace-only) caption: its embedding would be that of the bare
+        special tokens, a vector that matches no description.
+        """
         if self.tokenizer is None:
             raise ValueError("this CLSP has no tokenizer: pass tokenizer=<tokenizer.json> when building it")
+        empty = [i for i, t in enumerate(text) if not t.strip()]
+        if empty:
+            raise ValueError(f"captions {empty} are empty")
         tokens = self.tokenizer(list(text))
         rows = batch_bucket(len(text))
         ids, mask = (_pad_rows(tokens[k], rows) for k in ("input_ids", "attention_mask"))
@@ -175,7 +227,9 @@ class CLSP:
         return np.asarray(self.embed_tokens(ids, mask))[: len(text)]
 
     def __call__(self, audio=None, audio_lens=None, text=None):
-        """-> (audio_emb [B, D] or None, text_emb [B', D] or None, exp(logit_scale)), as the official README."""
+        """-> (audio_emb [B, D] or None, text_emb [B', D] or None, exp(logit_scale)), as the official README.
+
+        Clips longer than MAX_AUDIO_SECONDS are embedded in windows (`embed_audio`); empty captions raise."""
         audio_emb = None if audio is None else self.embed_audio(audio, audio_lens)
         text_emb = None if text is None else self.embed_text(text)
         return audio_emb, text_emb, self.logit_scale

@@ -57,6 +57,9 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             checkpoint_every_minutes=30.0,
             keep_checkpoints=3,
             keep_best_metric=config_dict.placeholder(str),  # e.g. "dev/global/s2t/R@1": also keep the best
+            # Train from step 0 in a work dir whose checkpoints were all set aside as unusable (otherwise the
+            # run stops rather than start over beside them; clsp_jax.train.checkpoint).
+            start_fresh=False,
             max_nonfinite_streak=20,  # consecutive skipped (non-finite) updates before the run stops
             compilation_cache_dir="~/.cache/clsp_jax/xla",  # persistent XLA cache ("" = off)
             # Run a text encoder frozen below its pooler once per training caption, not every step

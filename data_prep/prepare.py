@@ -32,7 +32,6 @@ mono (the cut's channel; several channels are averaged).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -45,11 +44,13 @@ import shutil
 import signal
 import sys
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from clsp_jax import cli
 from clsp_jax.data import fcaps_format
 from clsp_jax.data.manifests import CaptionRules, ClipRejected, iter_manifest, load_clip, parse_cut, select_captions
 
@@ -282,7 +283,7 @@ def _beam_process_unit(index: int, work_root: str, settings: BuildSettings) -> i
 # ------------------------------------------------------------------------------------ finalize
 
 
-def finalize(work: WorkDir, num_units: int, name: str, split: str, bdir: Path) -> dict:
+def finalize(work: WorkDir, num_units: int, name: str, split: str, bdir: Path, settings: BuildSettings) -> dict:
     """Stage 3: publishes the split; idempotent (a crash here is fixed by re-running)."""
     dones = [json.loads(work.done(i).read_text()) for i in range(num_units)]
     rejects = [json.loads(l) for l in work.plan_rejects.read_text().splitlines()]
@@ -297,6 +298,8 @@ def finalize(work: WorkDir, num_units: int, name: str, split: str, bdir: Path) -
         "rejected": len(rejects),
         "accepted_hours": float(num_samples.sum(dtype=np.int64)) / fcaps_format.SAMPLE_RATE / 3600.0,
         "rejected_by_reason": dict(sorted(reasons.items())),
+        # The duration filter's bounds: clips outside them are the too_short / too_long rejects.
+        "duration_range_s": [settings.min_duration, settings.max_duration],
         "num_shards": len(kept),
     }
     reports = fcaps_format.reports_dir(bdir, split)
@@ -377,22 +380,43 @@ def prepare(
             _run_inline(work, pending, settings)
         else:
             _run_pool(work, pending, settings, workers)
-    return finalize(work, num_units, name, split, bdir)
+    return finalize(work, num_units, name, split, bdir, settings)
 
 
 def format_summary(summary: dict, bdir: Path) -> str:
+    """The report printed after a build: counts, then rejected clips by reason. The duration filter's two
+    reasons are always listed with their bounds (clips longer than the training buckets are dropped here)."""
     lines = [
         f"{summary['name']}/{summary['split']}: accepted {summary['accepted']} clips "
         f"({summary['accepted_hours']:.3f} h) in {summary['num_shards']} shards; "
         f"rejected {summary['rejected']} clips"
     ]
-    lines += [f"  {reason}: {n}" for reason, n in summary["rejected_by_reason"].items()]
+    low, high = summary["duration_range_s"]
+    reasons = {"too_long": 0, "too_short": 0, **summary["rejected_by_reason"]}
+    bounds = {"too_long": f" (longer than --max-duration {high:g} s)",
+              "too_short": f" (shorter than --min-duration {low:g} s)"}
+    lines += [f"  {reason}: {n}{bounds.get(reason, '')}" for reason, n in reasons.items()]
     lines.append(f"  rejects: {fcaps_format.reports_dir(bdir, summary['split']) / 'rejects.jsonl'}")
     return "\n".join(lines)
 
 
+def _check_args(args) -> None:
+    """Raises ValueError for arguments that would only fail (or reject every clip) after planning."""
+    if not Path(args.audio_root).is_dir():
+        raise ValueError(f"--audio-root {args.audio_root} is not a directory")
+    if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise ValueError(f"--data-dir {args.data_dir} is a file")
+    if not 0 <= args.min_duration <= args.max_duration < float("inf"):
+        raise ValueError(f"need 0 <= --min-duration <= --max-duration (finite), got {args.min_duration} and "
+                         f"{args.max_duration}")
+    if not 0 <= args.min_caption_chars <= args.max_caption_chars or args.min_global_caption_chars < 0:
+        raise ValueError("caption lengths must be >= 0 with --min-caption-chars <= --max-caption-chars")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The CLI (see the module doc); returns the exit code: 2 for bad arguments, 1 when the build failed
+    (a worker died, the disk or a permission failed: re-running resumes) or accepted no clip."""
+    p = cli.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", action="append", required=True, help="MonoCut .jsonl or .jsonl.gz (repeatable)")
     p.add_argument("--split", required=True)
     p.add_argument("--audio-root", required=True, help="relative audio paths are resolved against this")
@@ -407,16 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-global-caption-chars", type=int, default=32)
     p.add_argument("--beam", action="store_true", help="run the units as an Apache Beam pipeline")
     p.add_argument("--overwrite", action="store_true", help="rebuild a split that already exists")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    settings = BuildSettings(
-        audio_root=str(Path(args.audio_root).resolve()),
-        min_duration=args.min_duration,
-        max_duration=args.max_duration,
-        rules=CaptionRules(args.min_caption_chars, args.max_caption_chars, args.min_global_caption_chars),
-    )
     try:
+        args = p.parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _check_args(args)
+        settings = BuildSettings(
+            audio_root=str(Path(args.audio_root).resolve()),
+            min_duration=args.min_duration,
+            max_duration=args.max_duration,
+            rules=CaptionRules(args.min_caption_chars, args.max_caption_chars, args.min_global_caption_chars),
+        )
         summary = prepare(
             args.manifest,
             split=args.split,
@@ -428,8 +452,14 @@ def main(argv: list[str] | None = None) -> int:
             beam=args.beam,
             overwrite=args.overwrite,
         )
-    except concurrent.futures.process.BrokenProcessPool:
+    except BrokenProcessPool:
         log.error("a worker process died; finished units are kept: re-run the same command to resume")
+        return 1
+    except ValueError as e:
+        return cli.usage_error("data_prep.prepare", e)
+    except OSError as e:  # the disk or a permission, mid-build
+        print(f"data_prep.prepare: error: {e}; finished units are kept: re-run the same command to resume",
+              file=sys.stderr)
         return 1
     print(format_summary(summary, fcaps_format.builder_dir(args.data_dir, args.name)))
     if summary["accepted"] == 0:

@@ -1,7 +1,7 @@
 """`python -m clsp_jax.eval` end to end on tiny generated sets (retrieval on a manifest with a missing
 file and on the same clips as a TFDS split, a RAVDESS-layout zero-shot set at 48 kHz, a ratings CSV),
-checked against metrics computed directly from the audio files with the same model; and its one-line
-errors (exit code 2)."""
+checked against metrics computed directly from the audio files with the same model; the count of clips
+embedded in windows; and its one-line errors (exit code 2)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_zero_shot_on_a_ravdess_layout(run, checkpoint, tmp_path):
     for k in range(8):  # emotion codes 01..08, actors 1..8 (odd male, even female), 48 kHz files
         ff.write_audio(root / f"Actor_{k + 1:02d}" / f"03-01-{k + 1:02d}-01-01-01-{k + 1:02d}.wav",
                        ff.tone(1.5, rate=48000, seed=k), rate=48000)
-    manifest, built = eval_sets.build("ravdess", root, tmp_path / "manifests")
+    manifest, built = eval_sets.build("ravdess", root, tmp_path / "manifests", protocol="original")
     assert len(built.cuts) == 8
     rc, out, err = run("--task", "zeroshot", "--dataset", "ravdess", "--manifest", str(manifest),
                        "--audio-root", str(root), "--out", str(tmp_path / "res"), "--batch-size", "8")
@@ -132,3 +132,45 @@ def test_module_entry_point_reports_a_missing_checkpoint(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"clsp_jax.eval: error: --checkpoint {tmp_path / 'none'} is not a saved CLSP (no config.json)")
+
+
+def test_long_clips_are_windowed_and_counted():
+    """The eval's audio embedding passes --max-audio-seconds to CLSP.embed_audio (which windows longer clips,
+    tested in test_embed.py) and counts the valid clips longer than it; the table's note reports them."""
+    calls = []
+
+    class Model:
+        def embed_audio(self, audio, audio_lens, *, max_seconds):
+            calls.append(max_seconds)
+            return np.zeros((len(audio), 4), np.float32)
+
+    report = {}
+    embed_audio, _ = cli._embed_fns(Model(), 2.0, report)
+    batch = {"audio": np.zeros((3, 40000), np.float32), "audio_lens": np.array([40000, 32000, 40000]),
+             "valid": np.array([True, True, False])}  # 2.5 s, exactly 2 s, an invalid 2.5 s row
+    assert embed_audio(batch).shape == (3, 4) and calls == [2.0]
+    assert report == {"max_audio_seconds": 2.0, "num_windowed": 1}
+    metrics = {"all/pearson": 0.5, "all/spearman": 0.5, "all/kendall": 0.5, "all/num_pairs": 3, "num_pairs_skipped": 0}
+    assert "longer than 2 s, embedded in windows: 1" in cli.markdown("similarity", metrics, {**report, "num_clips": 3})
+
+
+def test_check_overlap_alone(tmp_path, capsys):
+    """`--check-overlap` without a checkpoint writes the overlap block alone; a shared recording, path and
+    transcript are found; without --manifest it is a one-line error."""
+    from data_prep import manifest_writer
+
+    def cut(i, speaker):
+        rec = manifest_writer.recording(f"r{i}", f"a{i}.wav", 16000, 16000)
+        return manifest_writer.mono_cut(f"c{i}", rec, text=f"Sentence {i}.", speaker=speaker)
+
+    train, evalm = tmp_path / "train.jsonl.gz", tmp_path / "eval.jsonl.gz"
+    manifest_writer.write_jsonl_gz(train, [cut(0, "s0"), cut(1, "s1")])
+    manifest_writer.write_jsonl_gz(evalm, [cut(1, "s9"), cut(2, "s2")])  # c1: same recording, path and text
+    assert cli.main(["--check-overlap", str(train), "--manifest", str(evalm), "--out", str(tmp_path / "o")]) == 0
+    block = json.loads((tmp_path / "o" / "overlap.json").read_text())
+    assert block["checked"] and block["eval_cuts_affected"] == 1
+    assert {k: v["shared"] for k, v in block["kinds"].items()} == {
+        "speakers": 0, "recordings": 1, "audio_paths": 1, "transcripts": 1}
+    assert "overlap with training data: 1 of 2 eval cuts share" in capsys.readouterr().out
+    assert cli.main(["--check-overlap", str(train)]) == 2
+    assert capsys.readouterr().err.strip() == "clsp_jax.eval: error: --check-overlap needs --manifest (the evaluation set)"

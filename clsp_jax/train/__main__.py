@@ -17,6 +17,7 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+    from clsp_jax.train.checkpoint import CheckpointError
     from clsp_jax.train.trainer import ConfigError, train
 
     config = flags.FLAGS.config
@@ -24,6 +25,8 @@ def main(argv):
         train(config, flags.FLAGS.workdir)
     except ConfigError as e:
         _exit(2, f"config error: {e}")
+    except CheckpointError as e:  # no checkpoint of the work dir restores: stop before training over them
+        _exit(2, f"checkpoint error: {e}")
     except SystemExit as e:  # the trainer's own one-line stops (e.g. too many non-finite losses)
         if e.code not in (None, 0):
             _exit(1, str(e.code))

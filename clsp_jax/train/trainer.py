@@ -29,6 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from clsp_jax import convert, distributed, losses, optim, sharding, storage
+from clsp_jax.data.fcaps_format import load_num_samples
 from clsp_jax.data.pipeline import make_train_iterator, train_captions
 from clsp_jax.models.clsp import CLSPNet
 from clsp_jax.models.text import TextEncoder
@@ -66,6 +67,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         raise ConfigError(f"data.data_dir {d.data_dir!r} is not a directory (prepare it with data_prep.prepare)")
     if not d.tokenizer or not epath.Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a tokenizer.json file")
+    for source in d.sources:
+        try:  # the sidecar every prepared split has, and the first file the input pipeline reads
+            load_num_samples(source.get("data_dir", d.data_dir), source["split"], source["name"])
+        except ValueError as e:
+            raise ConfigError(f"data.sources: no prepared {source['name']} {source['split']!r} split: {e}") from None
     data_parallel = mesh_shape[0] * mesh_shape[1]
     if d.batch_size_multiple % data_parallel:
         raise ConfigError(f"data.batch_size_multiple={d.batch_size_multiple} must be a multiple of the "
@@ -204,14 +210,16 @@ FIXED_ON_RESUME = ("model.", "loss.", "data.sources", "data.stage", "data.seed",
 
 def check_resume_config(config, workdir: str) -> None:
     """Compares `config` with the config.json a previous run left in `workdir` (if any): raises ConfigError
-    naming every key of FIXED_ON_RESUME that differs, with both values; logs the other changed keys."""
+    naming every key of FIXED_ON_RESUME that differs, with both values; logs the other changed keys. A key
+    that only one side has (added to or removed from the code since the run started) is logged, not refused:
+    the saved run could not have set it, and a new key's default is meant to keep what the code did before."""
     saved_path = epath.Path(workdir) / "config.json"
     if not saved_path.exists() or not (epath.Path(workdir) / "checkpoints").exists():
         return
     changed = distributed.config_differences(distributed.flatten_config(json.loads(saved_path.read_text())),
                                              distributed.flatten_config(json.loads(json.dumps(config.to_dict(),
                                                                                               default=list))))
-    fixed = [(k, a, b) for k, a, b in changed if k.startswith(FIXED_ON_RESUME)]
+    fixed = [(k, a, b) for k, a, b in changed if k.startswith(FIXED_ON_RESUME) and "<unset>" not in (a, b)]
     if fixed:
         raise ConfigError(f"{workdir} holds a run with another config; these cannot change on resume: "
                           + "; ".join(f"{k} was {a}, now {b}" for k, a, b in fixed) + " (use a new work dir)")
@@ -267,16 +275,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Everything, down to the few hundred small programs of the network's eager initialisation (seconds each
         # time otherwise).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    _write_run_files(config, workdir)
-
     mesh = sharding.make_mesh(mesh_shape)
     tokenizer = CaptionTokenizer(config.data.tokenizer, buckets=config.data.text_length_buckets)
     data = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count())
+    # Step folders that are not whole checkpoints are set aside before the manager lists them, so that
+    # neither the resume nor the retention of the last `keep` ever counts them.
+    checkpoint.quiet_reported_errors()
+    checkpoint.set_aside_incomplete(workdir)
     manager = checkpoint.make_manager(workdir, every_steps=t.checkpoint_every_steps,
                                       every_minutes=t.checkpoint_every_minutes, keep=t.keep_checkpoints,
                                       best_metric=t.get("keep_best_metric"))
-    resuming = manager.latest_step() is not None
     captions = losses.OBJECTIVES[config.loss.objective].captions
     ema = config.optim.get("ema_decay") is not None
     make_net = lambda: new_net(config, t.seed)
@@ -284,12 +293,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     graphdef, abstract_params, rest = nnx.split(abstract_net, nnx.Param, ...)
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), abstract_params)
 
-    if resuming:  # straight into the shardings: no initial state is built
+    restored = None
+    if manager.all_steps():  # straight into the shardings: no initial state is built
         target = train_state.abstract_state(nnx.to_pure_dict(abstract_params), tx, mesh, ema)
-        state, data_state = checkpoint.restore(manager, target)
+        restored = checkpoint.restore_newest(manager, target, workdir)
+    set_aside = checkpoint.set_aside_folders(workdir)
+    if restored is None and set_aside and not t.start_fresh:
+        manager.close()
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {checkpoint.checkpoint_dir(workdir)} restores (set aside: {', '.join(set_aside)}); "
+            "not training from step 0 over them: use a new work dir, or pass --config.train.start_fresh=True")
+    if restored is not None:
+        state, data_state, resumed_step = restored
+        if resumed_step >= t.num_steps:
+            manager.close()
+            if resumed_step > t.num_steps:
+                raise ConfigError(f"train.num_steps={t.num_steps} is below the step of the checkpoint in {workdir} "
+                                  f"({resumed_step}): nothing to train (export an earlier step with --step, or "
+                                  "raise train.num_steps to train on)")
+            log.info("the checkpoint in %s is at step %d = train.num_steps: nothing to train", workdir, resumed_step)
+            return {}
         shardings = jax.tree.map(lambda x: x.sharding, target)
         data.set_state(data_state)
-        log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state["step"]))
+        log.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), resumed_step)
     else:
         # Built (filled from checkpoints, its audio head initialised) on the host CPU; each process then copies
         # its own devices' shards into the sharded state.
@@ -303,6 +329,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 standardize_audio_head(net, first, t.audio_head_init_batches)
         state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema, params=train_state.params_of(net))
         del net
+    # Only now (the run will train): an unchanged config.json until a resumed run has restored.
+    _write_run_files(config, workdir)
     text_cache = None
     if t.cache_text_states:
         text_cache = _text_cache(config, nnx.graphdef(abstract_net.text_encoder), state["params"]["text_encoder"],
@@ -321,6 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               f"padded audio per device and step")
     report = _Reporter(MetricsLog(workdir, start), _Progress(t.num_steps), t)
     preemption = distributed.Preemption(t.preemption_check_every_steps)
+    saver = checkpoint.Saver(manager, workdir)
     # Batches are loaded and put on the devices in a thread while the step runs (clsp_jax.train.prefetch).
     batches = Prefetcher(data, lambda host: device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
 
@@ -333,8 +362,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             jax.block_until_ready(state)
             eval_metrics = evaluate(state["params"], step)
             report.evaluation(step, eval_metrics)
-        if manager.latest_step() != step and checkpoint.save(manager, step, state, batches.state,
-                                                             metrics=eval_metrics, force=final):
+        if manager.latest_step() != step and saver.save(step, state, batches.state, metrics=eval_metrics,
+                                                        force=final):
             report.metrics_log.sync()
 
     step, in_flight = start, None
@@ -354,20 +383,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 break
             if step < t.num_steps:
                 evaluate_and_save(step, final=False)
+            saver.poll()
         if in_flight is not None:
             report.train_step(in_flight)
         evaluate_and_save(step, final=True)
     except FloatingPointError as e:
         if manager.latest_step() != step:
-            checkpoint.save(manager, step, state, batches.state, force=True)
-        manager.wait_until_finished()
-        raise SystemExit(f"stopping at step {step}: {e} (updates were skipped; checkpoint saved). "
+            saver.save(step, state, batches.state, force=True)
+        saved = saver.wait()
+        raise SystemExit(f"stopping at step {step}: {e} (updates were skipped; "
+                         f"{'checkpoint saved' if saved else 'the checkpoint failed, see above'}). "
                          "Lower the learning rate or check the data.") from None
     finally:
         batches.close()
-        manager.wait_until_finished()
+        final_saved = saver.wait()
+        manager.close()
         preemption.close()
         report.close()
+    if not final_saved:
+        raise SystemExit(f"the checkpoint at step {step} could not be saved (see above); the newest checkpoint "
+                         f"is at step {manager.latest_step() or 'none'}: free space (or fix permissions) in "
+                         f"{workdir} and rerun to resume from it")
     return report.last
 
 
