@@ -22,6 +22,9 @@ SPEAR_XLARGE = dict(
     output_downsampling_factor=2,
     dropout=0.1,
     subsampling_channels=(8, 32, 128),  # Conv2dSubsampling's conv widths (icefall's defaults)
+    # icefall's training regularisers (layer skipping, Balancer, Whiten, ...: clsp_jax.models.zipformer);
+    # the eval forward is the same either way.
+    regularisers=True,
 )
 
 # Hugging Face `roberta-base` (RobertaConfig names).

@@ -14,13 +14,21 @@ activations' arithmetic stay float32, so the encoder output is float32. Casting 
 to bf16 as well would roughly double the error against float32 (tests/test_zipformer.py pins the bf16
 tolerance).
 
-Left out, because it is the identity in eval mode (and only shapes gradients or schedules in training):
-Balancer, Whiten, ScaleGrad, limit_param_value, penalize_abs_values_gt, ScheduledFloat schedules, layer and
-module skipping (bypass skip_rate, attention/conv/ff2/ff3 skip rates, ConvNeXt layerdrop,
-pos_emb_skip_rate, const_attention_rate). Kept for training, inactive when `deterministic=True`: dropout
-(config `dropout`, the recipe's final value 0.1) in the feed-forward modules and after Conv2dSubsampling
-(masks shared over time, as icefall does), dropout 0.15 on the positional embeddings, and the per-sequence
-feature masks that zero channels above `encoder_unmasked_dim` on 12.5% / ~23% of sequences.
+Kept for training, inactive when `deterministic=True`: dropout (config `dropout`, the recipe's final value
+0.1) in the feed-forward modules and after Conv2dSubsampling (masks shared over time, as icefall does),
+dropout 0.15 on the positional embeddings, and the per-sequence feature masks that zero channels above
+`encoder_unmasked_dim` on 12.5% / ~23% of sequences.
+
+With config `regularisers=True` (default False), training also applies icefall's regularisers at the sites
+and with the constants the authors' Zipformer2 uses (`clsp_jax.models.regularisers`): per-sequence layer
+skipping (a layer's output replaced by its input on a random 0.035 * sqrt(downsampling) of the sequences),
+ConvNeXt layerdrop (1.5% of sequences), Balancer, Whiten, ScaleGrad (0.2 on the first subsampling conv),
+limit_param_value (bypass scales in [0.2, 1], BiasNorm log-scales in [-1.5, 1.5]) and
+penalize_abs_values_gt (attention scores beyond +-25). The constants are the final values of icefall's
+ScheduledFloat schedules: the authors' fine-tuning recipes offset the batch count by 1e5, which puts every
+schedule at its end from step 0. The schedules whose final value is 0 (attention, conv, ff2/ff3 and
+pos-emb skip rates) and const_attention_rate (which icefall only tests in eval mode, where it is 0) have
+no counterpart. Everything except the skipping is the identity in the forward pass.
 
 Randomness for training comes in at call time (`rngs=nnx.Rngs(dropout=key)`); the constructor's `rngs` only
 initialise parameters. So a module's state is its parameters alone, and a checkpoint loads without a random
@@ -40,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clsp_jax.models.regularisers import (Balancer, Draws, Whiten, limit_param_value, penalize_abs_values_gt,
+                                          scale_grad)
 from clsp_jax.models.remat import check_remat, remat_layer_call
 
 # Per-stack settings: one value per stack, or one value shared by every stack.
@@ -56,6 +66,43 @@ _PER_STACK = (
 )
 _MASK_VALUE = -1000.0  # icefall's fill for masked attention scores (exp(-1000) underflows to exactly 0)
 _FEATURE_MASK_PROB = 0.125  # icefall Zipformer2.get_feature_masks
+
+# Training regularisers (config `regularisers`): icefall's arguments at each site, at the end of their
+# schedules. Balancer(min_positive, max_positive, min_abs, max_abs), Whiten(whitening_limit, grad_scale).
+_SUBSAMPLING_SCALE_GRAD = 0.2  # on the first conv's output
+_SUBSAMPLING_BALANCERS = {"0": Balancer(max_abs=1.0), "4": Balancer(max_abs=4.0), "7": Balancer(max_abs=4.0)}
+_SUBSAMPLING_OUT_WHITEN = Whiten(8.0, 0.02)
+_CONVNEXT_LAYERDROP = 0.015
+_CONVNEXT_HIDDEN_BALANCER = Balancer(0.3, 1.0, 0.75, 5.0)
+_CONVNEXT_OUT_BALANCER = Balancer(0.4, 0.6, 1.0, 6.0)
+_CONVNEXT_OUT_WHITEN = Whiten(5.0, 0.01)
+_LIMIT_PROB = 0.6  # limit_param_value's probability of acting on a forward call
+_BYPASS_SCALE_RANGE = (0.2, 1.0)
+_BIASNORM_LOG_SCALE_RANGE = (-1.5, 1.5)
+_KEYS_BALANCER = Balancer(0.4, 0.6, 0.0, 100.0, prob=0.025)
+_KEYS_WHITEN_LIMIT, _KEYS_WHITEN_GRAD_SCALE = 6.0, 0.025  # grouped by head
+_ATTN_SCORE_LIMIT, _ATTN_SCORE_PENALTY, _ATTN_SCORE_PROB = 25.0, 1e-4, 0.1
+_SELF_ATTN_WHITEN = Whiten(22.5, 0.01)
+_FF_HIDDEN_BALANCER = Balancer(0.3, 1.0, 0.75, 5.0)
+_FF_OUT_WHITEN = Whiten(15.0, 0.01)
+_NONLIN_GATE_BALANCER = Balancer(0.05, 0.95, 0.5, 5.0)
+_NONLIN_VALUE_WHITEN = Whiten(10.0, 0.01)
+_NONLIN_OUT_WHITEN = Whiten(15.0, 0.01)
+_CONV_GATE_BALANCER = Balancer(0.025, 1.0, 1.5, 10.0)
+_CONV_DEPTHWISE_BALANCER = Balancer(0.05, 1.0, 0.5, 10.0)
+_CONV_WHITEN = Whiten(15.0, 0.01)
+_LAYER_NONLIN_BALANCER = Balancer(0.3, 0.7, 0.02, 100.0, prob=0.05)
+_LAYER_FF2_BALANCER = Balancer(0.3, 0.7, 0.1, 2.0, prob=0.05)
+_LAYER_FF3_BALANCER = Balancer(0.3, 0.7, 0.2, 4.0, prob=0.05)
+_LAYER_PRENORM_BALANCER = Balancer(0.45, 0.55, 0.2, 4.0)
+_LAYER_OUT_BALANCER = Balancer(0.45, 0.55, 0.1, 4.0)
+_LAYER_OUT_WHITEN = Whiten(12.0, 0.01)
+
+
+def layer_skip_rate(downsampling: int) -> float:
+    """Fraction of sequences on which a layer of a stack at this downsampling is skipped (icefall's final
+    layerdrop rate): 0.035 * sqrt(downsampling)."""
+    return 0.035 * math.sqrt(downsampling)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,6 +154,8 @@ class ZipformerConfig:
     dropout: float = 0.1
     # Conv2dSubsampling's three conv widths (layer1/2/3_channels in icefall; the last is the ConvNeXt width).
     subsampling_channels: tuple[int, int, int] = (8, 32, 128)
+    # icefall's training regularisers (module doc); no effect in eval mode.
+    regularisers: bool = False
 
     @property
     def num_stacks(self) -> int:
@@ -134,6 +183,9 @@ class ZipformerConfig:
             stacks[name] = values * n if len(values) == 1 else values
         dropout = cfg.get("dropout", 0.1)
         dropout = 0.1 if dropout is None else float(dropout)
+        regularisers = cfg.get("regularisers", False)
+        if not isinstance(regularisers, (bool, np.bool_)):
+            raise ValueError(f"speech config 'regularisers' must be true or false, got {regularisers!r}")
         channels = _as_int_tuple("subsampling_channels", cfg.get("subsampling_channels", (8, 32, 128)))
         if len(channels) != 3:
             raise ValueError(f"speech config 'subsampling_channels' needs 3 widths, got {list(channels)}")
@@ -144,6 +196,7 @@ class ZipformerConfig:
             output_downsampling_factor=_as_int("output_downsampling_factor", cfg["output_downsampling_factor"]),
             dropout=dropout,
             subsampling_channels=channels,
+            regularisers=bool(regularisers),
             **stacks,
         )
         out._validate()
@@ -358,21 +411,37 @@ class BiasNorm(nnx.Module):
         self.log_scale = nnx.Param(jnp.asarray(1.0, param_dtype))
         self.bias = nnx.Param(1e-4 * jax.random.normal(rngs.params(), (num_channels,), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, reg: Draws | None = None) -> jax.Array:
+        """x [..., C]; `reg` (training regularisers, None = off) keeps log_scale in [-1.5, 1.5]."""
         x32 = x.astype(jnp.float32)
+        log_scale = self.log_scale[...].astype(jnp.float32)
+        if reg is not None:
+            log_scale = limit_param_value(log_scale, reg.coin(_LIMIT_PROB), *_BIASNORM_LOG_SCALE_RANGE)
         ms = jnp.mean(jnp.square(x32 - self.bias[...].astype(jnp.float32)), axis=-1, keepdims=True)
-        return x32 * (jax.lax.rsqrt(ms) * jnp.exp(self.log_scale[...].astype(jnp.float32)))
+        return x32 * (jax.lax.rsqrt(ms) * jnp.exp(log_scale))
 
 
 class BypassModule(nnx.Module):
-    """Learned per-channel interpolation src_orig + (src - src_orig) * bypass_scale (float32 stream)."""
+    """Learned per-channel interpolation src_orig + (src - src_orig) * bypass_scale (float32 stream).
 
-    def __init__(self, embed_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32):
+    With training regularisers (`reg`), bypass_scale is kept in [0.2, 1] (limit_param_value) and, on a random
+    `skip_rate` of the sequences, the scale is 0: the output is src_orig (per-sequence layer skipping).
+    """
+
+    def __init__(self, embed_dim: int, *, skip_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32):
         del dtype  # the residual stream is float32
         self.bypass_scale = nnx.Param(jnp.full((embed_dim,), 0.5, param_dtype))
+        self.skip_rate = skip_rate
 
-    def __call__(self, src_orig: jax.Array, src: jax.Array) -> jax.Array:
-        return src_orig + (src - src_orig) * self.bypass_scale[...].astype(jnp.float32)
+    def __call__(self, src_orig: jax.Array, src: jax.Array, reg: Draws | None = None) -> jax.Array:
+        """src_orig, src [B, T, C] -> [B, T, C]; `reg` None = eval (no limit, no skipping)."""
+        scale = self.bypass_scale[...].astype(jnp.float32)
+        if reg is not None:
+            scale = limit_param_value(scale, reg.coin(_LIMIT_PROB), *_BYPASS_SCALE_RANGE)
+            if self.skip_rate:
+                keep = jax.random.uniform(reg.rngs["dropout"](), (src.shape[0], 1, 1)) >= self.skip_rate
+                scale = scale * keep
+        return src_orig + (src - src_orig) * scale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,9 +460,14 @@ class ConvNeXt(nnx.Module):
         self.pointwise_conv2 = _conv(hidden, channels, (1, 1), scale=0.01,
                                      conv_general_dilated=pointwise_conv_general_dilated, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.pointwise_conv2(swoosh_l(self.pointwise_conv1(self.depthwise_conv(x))))
-        return x + y
+    def __call__(self, x: jax.Array, reg: Draws | None = None) -> jax.Array:
+        """x [B, T, F, C]; `reg` (training regularisers) adds layerdrop: the block is the identity on a
+        random 1.5% of the sequences."""
+        h = _CONVNEXT_HIDDEN_BALANCER(self.pointwise_conv1(self.depthwise_conv(x)), reg)
+        y = self.pointwise_conv2(swoosh_l(h))
+        if reg is not None:
+            y = y * (jax.random.uniform(reg.rngs["dropout"](), (x.shape[0], 1, 1, 1)) >= _CONVNEXT_LAYERDROP)
+        return _CONVNEXT_OUT_WHITEN(_CONVNEXT_OUT_BALANCER(x + y, reg), reg)
 
 
 class Conv2dSubsampling(nnx.Module):
@@ -416,8 +490,10 @@ class Conv2dSubsampling(nnx.Module):
         layer1_channels: int = 8,
         layer2_channels: int = 32,
         layer3_channels: int = 128,
+        regularisers: bool = False,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.regularisers = regularisers
         # nn.Sequential indices of the reference (activations and balancers sit in the gaps).
         self.conv = nnx.Dict(
             {
@@ -435,14 +511,21 @@ class Conv2dSubsampling(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, x_lens: jax.Array, *, rngs: nnx.Rngs | None = None):
-        """x [B, T, F] float, x_lens [B] int -> (y [B, (T-7)//2, C], y_lens [B] = max((x_lens-7)//2, 0))."""
+        """x [B, T, F] float, x_lens [B] int -> (y [B, (T-7)//2, C], y_lens [B] = max((x_lens-7)//2, 0)).
+
+        `rngs` (training) drives dropout, and the regularisers when the module has them.
+        """
+        reg = Draws(rngs) if self.regularisers and rngs is not None else None
         x = x.astype(self.dtype)[..., None]  # [B, T, F, 1]
         for name in ("0", "4", "7"):
-            x = swoosh_r(self.conv[name](x))
-        x = self.convnext(x)
+            x = self.conv[name](x)
+            if name == "0" and reg is not None:
+                x = scale_grad(x, _SUBSAMPLING_SCALE_GRAD)
+            x = swoosh_r(_SUBSAMPLING_BALANCERS[name](x, reg))
+        x = self.convnext(x, reg)
         b, t, f, c = x.shape
         x = jnp.swapaxes(x, 2, 3).reshape(b, t, c * f)  # torch flattens (channel, freq), channel-major
-        x = self.out_norm(self.out(x))
+        x = self.out_norm(_SUBSAMPLING_OUT_WHITEN(self.out(x), reg), reg)
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
         return x, jnp.maximum((x_lens - 7) // 2, 0)
 
@@ -490,18 +573,26 @@ class RelPositionMultiheadAttentionWeights(nnx.Module):
         self.linear_pos = _linear(pos_dim, num_heads * pos_head_dim, scale=0.05, use_bias=False, **kw)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, pos_emb: jax.Array, valid: jax.Array) -> jax.Array:
-        """x [B, T, C], pos_emb [2T-1, pos_dim], valid [B, T] bool -> weights [B, H, T, T] (rows sum to 1)."""
+    def __call__(self, x: jax.Array, pos_emb: jax.Array, valid: jax.Array, reg: Draws | None = None):
+        """x [B, T, C], pos_emb [2T-1, pos_dim], valid [B, T] bool -> weights [B, H, T, T] (rows sum to 1).
+
+        `reg` (training regularisers): balancer and per-head whitening on the keys, and on 10% of calls a
+        gradient penalty on scores beyond +-25.
+        """
         b, t, _ = x.shape
         h, dq, dp = self.num_heads, self.query_head_dim, self.pos_head_dim
         proj = self.in_proj(x)
         q = proj[..., : h * dq].reshape(b, t, h, dq)
-        k = proj[..., h * dq : 2 * h * dq].reshape(b, t, h, dq)
+        k = _KEYS_BALANCER(proj[..., h * dq : 2 * h * dq], reg)
+        k = Whiten(_KEYS_WHITEN_LIMIT, _KEYS_WHITEN_GRAD_SCALE, num_groups=h)(k, reg).reshape(b, t, h, dq)
         p = proj[..., 2 * h * dq :].reshape(b, t, h, dp)
         scores = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32)
         pos = self.linear_pos(pos_emb).reshape(2 * t - 1, h, dp)
         pos_scores = jnp.einsum("bihd,nhd->bhin", p, pos, preferred_element_type=jnp.float32)
         scores = scores + rel_to_abs(pos_scores)
+        if reg is not None:
+            scores = penalize_abs_values_gt(scores, reg.coin(_ATTN_SCORE_PROB), _ATTN_SCORE_LIMIT,
+                                            _ATTN_SCORE_PENALTY)
         scores = jnp.where(valid[:, None, None, :], scores, _MASK_VALUE)
         return jax.nn.softmax(scores, axis=-1).astype(self.dtype)
 
@@ -514,11 +605,11 @@ class SelfAttention(nnx.Module):
         self.in_proj = _linear(embed_dim, num_heads * value_head_dim, **kw)
         self.out_proj = _linear(num_heads * value_head_dim, embed_dim, scale=0.05, **kw)
 
-    def __call__(self, x: jax.Array, attn_weights: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, attn_weights: jax.Array, reg: Draws | None = None) -> jax.Array:
         b, t, _ = x.shape
         v = self.in_proj(x).reshape(b, t, attn_weights.shape[1], -1)
         out = jnp.einsum("bhij,bjhd->bihd", attn_weights, v).reshape(b, t, -1)
-        return self.out_proj(out)
+        return _SELF_ATTN_WHITEN(self.out_proj(out), reg)
 
 
 class FeedforwardModule(nnx.Module):
@@ -530,8 +621,10 @@ class FeedforwardModule(nnx.Module):
         self.out_proj = _linear(feedforward_dim, embed_dim, scale=0.1, **kw)
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1,))
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        return self.out_proj(self.dropout(swoosh_l(self.in_proj(x)), deterministic=rngs is None, rngs=rngs))
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None, reg: Draws | None = None) -> jax.Array:
+        """x [B, T, C]; `rngs` drives dropout, `reg` the training regularisers (None = off)."""
+        h = swoosh_l(_FF_HIDDEN_BALANCER(self.in_proj(x), reg))
+        return _FF_OUT_WHITEN(self.out_proj(self.dropout(h, deterministic=rngs is None, rngs=rngs)), reg)
 
 
 class NonlinAttention(nnx.Module):
@@ -542,11 +635,12 @@ class NonlinAttention(nnx.Module):
         self.in_proj = _linear(channels, 3 * hidden_channels, **kw)
         self.out_proj = _linear(hidden_channels, channels, scale=0.05, **kw)
 
-    def __call__(self, x: jax.Array, attn_weights: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, attn_weights: jax.Array, reg: Draws | None = None) -> jax.Array:
         """x [B, T, C], attn_weights [B, T, T] (a single head)."""
         s, v, y = jnp.split(self.in_proj(x), 3, axis=-1)
-        v = jnp.einsum("bij,bjc->bic", attn_weights, v * jnp.tanh(s))
-        return self.out_proj(v * y)
+        s = jnp.tanh(_NONLIN_GATE_BALANCER(s, reg))
+        v = jnp.einsum("bij,bjc->bic", attn_weights, _NONLIN_VALUE_WHITEN(v, reg) * s)
+        return _NONLIN_OUT_WHITEN(self.out_proj(v * y), reg)
 
 
 class ConvolutionModule(nnx.Module):
@@ -560,11 +654,13 @@ class ConvolutionModule(nnx.Module):
                                     conv_general_dilated=depthwise_conv_general_dilated, **kw)
         self.out_proj = _linear(channels, channels, scale=0.05, **kw)
 
-    def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array, reg: Draws | None = None) -> jax.Array:
+        """x [B, T, C], valid [B, T] bool; `reg` the training regularisers (None = off)."""
         x, gate = jnp.split(self.in_proj(x), 2, axis=-1)
-        x = x * jax.nn.sigmoid(gate)
+        x = x * jax.nn.sigmoid(_CONV_GATE_BALANCER(gate, reg))
         x = jnp.where(valid[..., None], x, 0)  # padding must not leak into valid frames through the conv
-        return self.out_proj(swoosh_r(self.depthwise_conv(x)))
+        x = _CONV_WHITEN(_CONV_DEPTHWISE_BALANCER(self.depthwise_conv(x), reg), reg)
+        return self.out_proj(swoosh_r(x))
 
 
 class Zipformer2EncoderLayer(nnx.Module):
@@ -589,9 +685,13 @@ class Zipformer2EncoderLayer(nnx.Module):
         rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        regularisers: bool = False,
+        skip_rate: float = 0.0,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.bypass = BypassModule(embed_dim, dtype=dtype, param_dtype=param_dtype)
+        self.regularisers = regularisers
+        # skip_rate: the fraction of sequences whose output is the layer input (training regularisers only).
+        self.bypass = BypassModule(embed_dim, skip_rate=skip_rate, dtype=dtype, param_dtype=param_dtype)
         self.bypass_mid = BypassModule(embed_dim, dtype=dtype, param_dtype=param_dtype)
         self.self_attn_weights = RelPositionMultiheadAttentionWeights(
             embed_dim, pos_dim, num_heads, query_head_dim, pos_head_dim, **kw
@@ -609,20 +709,25 @@ class Zipformer2EncoderLayer(nnx.Module):
         self.norm = BiasNorm(embed_dim, **kw)
 
     def __call__(self, src: jax.Array, pos_emb: jax.Array, valid: jax.Array, *, rngs: nnx.Rngs | None = None):
-        """src [B, T, C], pos_emb [2T-1, pos_dim], valid [B, T] bool -> [B, T, C]."""
+        """src [B, T, C], pos_emb [2T-1, pos_dim], valid [B, T] bool -> [B, T, C].
+
+        `rngs` (training) drives dropout, and the regularisers when the layer has them.
+        """
+        reg = Draws(rngs) if self.regularisers and rngs is not None else None
         src_orig = src
-        attn_weights = self.self_attn_weights(src, pos_emb, valid)
-        src = src + self.feed_forward1(src, rngs=rngs)
-        src = src + self.nonlin_attention(src, attn_weights[:, 0])
-        src = src + self.self_attn1(src, attn_weights)
-        src = src + self.conv_module1(src, valid)
-        src = src + self.feed_forward2(src, rngs=rngs)
-        src = self.bypass_mid(src_orig, src)
-        src = src + self.self_attn2(src, attn_weights)
-        src = src + self.conv_module2(src, valid)
-        src = src + self.feed_forward3(src, rngs=rngs)
-        src = self.norm(src)
-        return self.bypass(src_orig, src)
+        attn_weights = self.self_attn_weights(src, pos_emb, valid, reg)
+        src = src + self.feed_forward1(src, rngs=rngs, reg=reg)
+        src = src + _LAYER_NONLIN_BALANCER(self.nonlin_attention(src, attn_weights[:, 0], reg), reg)
+        src = src + self.self_attn1(src, attn_weights, reg)
+        src = src + self.conv_module1(src, valid, reg)
+        src = src + _LAYER_FF2_BALANCER(self.feed_forward2(src, rngs=rngs, reg=reg), reg)
+        src = self.bypass_mid(src_orig, src, reg)
+        src = src + self.self_attn2(src, attn_weights, reg)
+        src = src + self.conv_module2(src, valid, reg)
+        src = src + _LAYER_FF3_BALANCER(self.feed_forward3(src, rngs=rngs, reg=reg), reg)
+        src = self.norm(_LAYER_PRENORM_BALANCER(src, reg), reg)
+        src = self.bypass(src_orig, src, reg)
+        return _LAYER_OUT_WHITEN(_LAYER_OUT_BALANCER(src, reg), reg)
 
 
 class Zipformer2Encoder(nnx.Module):
@@ -677,7 +782,9 @@ class SimpleDownsample(nnx.Module):
 class DownsampledZipformer2Encoder(nnx.Module):
     """Downsample by ds, run a Zipformer2Encoder, upsample by repetition, bypass-combine with the input."""
 
-    def __init__(self, encoder: Zipformer2Encoder, dim: int, downsample: int, *, dtype, param_dtype):
+    def __init__(self, encoder: Zipformer2Encoder, dim: int, downsample: int, *, dtype, param_dtype,
+                 regularisers: bool = False):
+        self.regularisers = regularisers
         self.downsample_factor = downsample
         self.downsample = SimpleDownsample(downsample, dtype=dtype, param_dtype=param_dtype)
         self.encoder = encoder
@@ -686,7 +793,8 @@ class DownsampledZipformer2Encoder(nnx.Module):
     def __call__(self, x, valid, *, feature_mask=None, rngs: nnx.Rngs | None = None):
         """x [B, T, C]; valid [B, ceil(T/ds)] bool (the input mask taken every ds frames) -> [B, T, C]."""
         y = self.encoder(self.downsample(x), valid, feature_mask=feature_mask, rngs=rngs)
-        return self.out_combiner(x, simple_upsample(y, self.downsample_factor, x.shape[1]))
+        reg = Draws(rngs, size=1) if self.regularisers and rngs is not None else None
+        return self.out_combiner(x, simple_upsample(y, self.downsample_factor, x.shape[1]), reg)
 
 
 class Zipformer2(nnx.Module):
@@ -712,10 +820,13 @@ class Zipformer2(nnx.Module):
                 dtype=dtype,
                 param_dtype=param_dtype,
                 remat=remat,
+                regularisers=config.regularisers,
+                skip_rate=layer_skip_rate(config.downsampling_factor[i]),
             )
             if config.downsampling_factor[i] != 1:
                 stack = DownsampledZipformer2Encoder(
-                    stack, config.encoder_dim[i], config.downsampling_factor[i], dtype=dtype, param_dtype=param_dtype
+                    stack, config.encoder_dim[i], config.downsampling_factor[i], dtype=dtype, param_dtype=param_dtype,
+                    regularisers=config.regularisers,
                 )
             stacks.append(stack)
         self.encoders = nnx.List(stacks)
@@ -783,7 +894,9 @@ class SpeechEncoder(nnx.Module):
       cfg: the "speech" config dict with icefall argument names (feature_dim, downsampling_factor,
         num_encoder_layers, encoder_dim, encoder_unmasked_dim, query_head_dim, pos_head_dim, value_head_dim,
         pos_dim, num_heads, feedforward_dim, cnn_module_kernel, output_downsampling_factor; optional dropout,
-        default 0.1, and subsampling_channels, default (8, 32, 128)). One-element lists apply to every stack; other keys are ignored.
+        default 0.1, subsampling_channels, default (8, 32, 128), and regularisers, default False: icefall's
+        training regularisers, see the module doc). One-element lists apply to every stack; other keys are
+        ignored.
       rngs: parameter initialisation only (training randomness is passed to `__call__`).
       dtype: compute dtype; param_dtype: parameter dtype.
       remat: rematerialisation of each Zipformer2 layer in the backward pass (`clsp_jax.models.remat`).
@@ -802,6 +915,7 @@ class SpeechEncoder(nnx.Module):
             layer1_channels=self.config.subsampling_channels[0],
             layer2_channels=self.config.subsampling_channels[1],
             layer3_channels=self.config.subsampling_channels[2],
+            regularisers=self.config.regularisers,
         )
         self.encoder = Zipformer2(self.config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
