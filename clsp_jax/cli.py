@@ -42,7 +42,6 @@ def load_model(checkpoint: str) -> "CLSP":
     Raises ValueError naming the checkpoint for anything that stops it loading."""
     # Imported here: data_prep.prepare uses this module without jax.
     from clsp_jax.inference import CLSP
-    from clsp_jax.train.checkpoint import one_line
 
     path = Path(checkpoint)
     torch = path.suffix == ".safetensors"
@@ -60,3 +59,14 @@ def load_model(checkpoint: str) -> "CLSP":
                                tokenizer=str(tokenizer) if tokenizer.is_file() else None)
     except Exception as e:  # noqa: BLE001 -- a torn or foreign file fails in its libraries' own ways
         raise ValueError(f"--checkpoint {path} could not be loaded: {one_line(e)}") from None
+
+
+def one_line(error: BaseException, limit: int = 800) -> str:
+    """`error` as one short line: the type and first message line of its innermost cause (Orbax wraps the
+    tensorstore error that names the file and byte range in a generic one, and both carry whole JSON specs
+    after the first line)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(error).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}"

@@ -186,22 +186,27 @@ def balancer_grad(x: jax.Array, g: jax.Array, limits: BalancerLimits) -> jax.Arr
     return (g32 + jnp.abs(g32) * (d * (limits.grad_scale / d_rms))).astype(g.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def balancer(x: jax.Array, active: jax.Array, limits: BalancerLimits) -> jax.Array:
-    """Identity forward; where `active` the backward pass is `balancer_grad`. x [..., C] (channels last)."""
-    return x
+def _gated(grad_fn):
+    """`op(x, active, limits)`: identity forward; where `active` (a scalar bool) the backward pass is
+    `grad_fn(x, g, limits)`, else g unchanged (`lax.cond`, so an inactive site skips that work)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def op(x, active, limits):
+        return x
+
+    def fwd(x, active, limits):
+        return x, (x, active)
+
+    def bwd(limits, res, g):
+        x, active = res
+        return jax.lax.cond(active, lambda: grad_fn(x, g, limits), lambda: g), None
+
+    op.defvjp(fwd, bwd)
+    return op
 
 
-def _balancer_fwd(x, active, limits):
-    return x, (x, active)
-
-
-def _balancer_bwd(limits, res, g):
-    x, active = res
-    return jax.lax.cond(active, lambda: balancer_grad(x, g, limits), lambda: g), None
-
-
-balancer.defvjp(_balancer_fwd, _balancer_bwd)
+# x [..., C] (channels last), active: scalar bool.
+balancer = _gated(balancer_grad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,22 +270,7 @@ def whiten_grad(x: jax.Array, g: jax.Array, limits: WhitenLimits) -> jax.Array:
     return jnp.where(metric < limits.whitening_limit, g, g + (d * scale).astype(g.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def whiten(x: jax.Array, active: jax.Array, limits: WhitenLimits) -> jax.Array:
-    """Identity forward; where `active` the backward pass is `whiten_grad`. x [..., C] (channels last)."""
-    return x
-
-
-def _whiten_fwd(x, active, limits):
-    return x, (x, active)
-
-
-def _whiten_bwd(limits, res, g):
-    x, active = res
-    return jax.lax.cond(active, lambda: whiten_grad(x, g, limits), lambda: g), None
-
-
-whiten.defvjp(_whiten_fwd, _whiten_bwd)
+whiten = _gated(whiten_grad)  # x [..., C] (channels last), active: scalar bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from clsp_jax import distributed, storage
+from clsp_jax.cli import one_line
 
 log = logging.getLogger(__name__)
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, locally and on GCS
@@ -98,17 +99,6 @@ class IntervalSinceStart(policies.ContinuousCheckpointingPolicy):
         if previous_steps and previous_steps[-1].time > self.started:
             since = previous_steps[-1]
         return super().should_save(step, [since], context=context)
-
-
-def one_line(error: BaseException, limit: int = 800) -> str:
-    """`error` as one short line: the type and first message line of its innermost cause (Orbax wraps the
-    tensorstore error that names the file and byte range in a generic one, and both carry whole JSON specs
-    after the first line)."""
-    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
-        error = error.__cause__ or error.__context__
-    lines = str(error).strip().splitlines()
-    first = lines[0] if lines else ""
-    return f"{type(error).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}"
 
 
 class _ReportedElsewhere(logging.Filter):
