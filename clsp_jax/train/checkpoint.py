@@ -124,9 +124,17 @@ def _late_callback(traceback) -> bool:
     return bool(frames) and all(f.endswith("asyncio/base_events.py") for f in frames)
 
 
+def _orbax_coroutine(obj) -> bool:
+    """Whether `obj` is a coroutine of Orbax's: one of a failed read or write, collected unawaited after the
+    failure was raised (and reported) through the save or restore that started it."""
+    code = getattr(obj, "cr_code", None)
+    return code is not None and "/orbax/" in code.co_filename.replace(os.sep, "/")
+
+
 def quiet_reported_errors() -> None:
     """Installs `_ReportedElsewhere` on the loggers Orbax's and asyncio's records come through, and drops the
-    late "Event loop is closed" callbacks of a failed save (`_late_callback`); once per process."""
+    late "Event loop is closed" callbacks of a failed save (`_late_callback`) and the "Exception ignored in"
+    reports of Orbax's coroutines collected after a failed read (`_orbax_coroutine`); once per process."""
     for name in ("absl", "asyncio"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _ReportedElsewhere) for f in logger.filters):
@@ -140,8 +148,9 @@ def quiet_reported_errors() -> None:
             excepthook(kind, value, traceback)
 
     def quiet_unraisablehook(unraisable):
-        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-                and _late_callback(unraisable.exc_traceback)):
+        late = (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and _late_callback(unraisable.exc_traceback))
+        if not (late or _orbax_coroutine(unraisable.object)):
             unraisablehook(unraisable)
 
     quiet_excepthook.drops_late_callbacks = True
