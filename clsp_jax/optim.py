@@ -56,6 +56,8 @@ def resolve_config(cfg: Mapping | None) -> dict:
         raise ValueError(f"clip_norm must be > 0 or None, got {out['clip_norm']!r}")
     if out["ema_decay"] is not None and not 0.0 <= out["ema_decay"] < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) or None, got {out['ema_decay']!r}")
+    if out["average_period"] is not None and not out["average_period"] >= 0:
+        raise ValueError(f"average_period must be >= 0 or None, got {out['average_period']!r}")
     groups = []
     for i, group in enumerate(out["param_groups"]):
         group = dict(group)

@@ -1,6 +1,7 @@
 """The sharded CLSP train step: fbank -> both towers -> objective (`clsp_jax.losses.OBJECTIVES`) -> optax update.
 
-State: the plain pytree of `clsp_jax.train.state` (step, params, opt_state, ema, nonfinite_streak).
+State: the plain pytree of `clsp_jax.train.state` (step, params, opt_state, ema, nonfinite_streak, and the
+running average when model averaging is on).
 
 The network runs with `dtype` = the compute dtype (bf16 by default on accelerators) over float32 master
 weights. Dropout randomness is `fold_in(seed, step)`: a step's result depends only on the state and batch.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from clsp_jax import losses, optim
+from clsp_jax import averaging, losses, optim
 from clsp_jax.features import fbank
 from clsp_jax.models.clsp import CLSPNet
 
@@ -52,7 +53,7 @@ def embed_batch(net: CLSPNet, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | N
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, *, objective: str,
                     loss_cfg: Mapping, seed: int = 0, ema_decay: float | None = None, frozen: Sequence[str] = (),
-                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+                    mesh: jax.sharding.Mesh | None = None, average_period: int | None = None) -> Callable:
     """Returns the (unjitted) step `(state, batch) -> (state, metrics)`.
 
     Args:
@@ -64,6 +65,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
       loss_cfg: the `loss` config section, handed to the objective (e.g. hard_negative_weight).
       seed: dropout randomness is fold_in(key(seed), step).
       ema_decay: decay of the state's EMA weights (used when the state has an EMA).
+      average_period: the state's running average (when it has one) folds in the weights as they stand after
+        every step that is a multiple of this (`clsp_jax.averaging`); after a skipped (non-finite) step those
+        are the unchanged weights, as icefall's batch count also advances on such steps.
       frozen: the optimizer's frozen-parameter regexes: their backward pass is skipped.
       mesh: when given, the loss runs in shard_map over its batch axes (all-gathered features).
     """
@@ -109,6 +113,11 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
                     if state["ema"] is not None else None),
             "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
         }
+        if "average" in state:
+            if not average_period:
+                raise ValueError("the train state has a running average but the step has no average_period")
+            new_state["average"] = averaging.average_update(state["average"], new_state["params"], step + 1,
+                                                            average_period)
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
                    "nonfinite": (~finite).astype(jnp.int32), "nonfinite_streak": new_state["nonfinite_streak"]}
         return new_state, metrics

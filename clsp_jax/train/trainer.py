@@ -205,7 +205,8 @@ def _text_cache(config, text_graphdef, text_params, tokenizer: CaptionTokenizer)
 # evaluation, the learning-rate schedule, the data dir's location) may change on resume.
 FIXED_ON_RESUME = ("model.", "loss.", "data.sources", "data.stage", "data.seed", "data.sample_rate",
                    "data.bucket_boundaries_s", "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
-                   "data.stage1_caption_pool", "data.text_fixed_length", "data.text_length_buckets", "train.seed")
+                   "data.stage1_caption_pool", "data.text_fixed_length", "data.text_length_buckets", "train.seed",
+                   "optim.average_period")  # the running average's period: its snapshots' spacing, and its state
 
 
 def check_resume_config(config, workdir: str) -> None:
@@ -288,6 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       best_metric=t.get("keep_best_metric"))
     captions = losses.OBJECTIVES[config.loss.objective].captions
     ema = config.optim.get("ema_decay") is not None
+    average = bool(config.optim.get("average_period"))
     make_net = lambda: new_net(config, t.seed)
     abstract_net = nnx.eval_shape(make_net)
     graphdef, abstract_params, rest = nnx.split(abstract_net, nnx.Param, ...)
@@ -295,7 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     restored = None
     if manager.all_steps():  # straight into the shardings: no initial state is built
-        target = train_state.abstract_state(nnx.to_pure_dict(abstract_params), tx, mesh, ema)
+        target = train_state.abstract_state(nnx.to_pure_dict(abstract_params), tx, mesh, ema, average)
         restored = checkpoint.restore_newest(manager, target, workdir)
     set_aside = checkpoint.set_aside_folders(workdir)
     if restored is None and set_aside and not t.start_fresh:
@@ -327,7 +329,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 first = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
                                             process_index=jax.process_index(), process_count=jax.process_count())
                 standardize_audio_head(net, first, t.audio_head_init_batches)
-        state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema, params=train_state.params_of(net))
+        state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema, params=train_state.params_of(net),
+                                                          average=average)
         del net
     # Only now (the run will train): an unchanged config.json until a resumed run has restored.
     _write_run_files(config, workdir)
@@ -342,7 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = sharding.jit_train_step(
         make_train_step(graphdef, rest, tx, schedule, objective=config.loss.objective, loss_cfg=config.loss.to_dict(),
                         seed=t.seed, ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen),
-                        mesh=mesh),
+                        mesh=mesh, average_period=config.optim.get("average_period")),
         shardings, mesh)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     distributed.log_preflight(mesh, workdir, f"{config.data.max_audio_seconds_per_batch / data_parallel:g} s of "
