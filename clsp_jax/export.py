@@ -2,7 +2,8 @@
 
     python -m clsp_jax.export --workdir RUN --out clsp_export --format orbax
     python -m clsp_jax.export --workdir RUN --out out/clsp.safetensors --format torch [--step N]
-        [--average-last N] [--ema]
+        [--average-last N] [--ema | --averaged]
+    python -m clsp_jax.export --workdir RUN --out OUT --format orbax --average-between START END
 
 - `orbax`: OUT is a folder that `CLSP.load(OUT)` reads (params/, config.json, tokenizer.json).
 - `torch`: OUT is a `.safetensors` file under the icefall CLSP state-dict names and layouts (those of
@@ -10,10 +11,20 @@
   `config.json` (`{"speech", "text", "joint_dim"}`, the reference fixtures' format, plus `logit_bias_init`
   for a SigLIP-trained model) and the run's `tokenizer.json` are written beside it, so `CLSP.from_torch(OUT, config, tokenizer=folder)` loads it too.
 
-`--step` picks the checkpoint (default the latest); `--average-last N` takes the float32 mean of the N
-saved checkpoints ending at that step (the authors evaluate such averages); `--ema` takes the EMA weights
-saved with each checkpoint (train with optim.ema_decay set). Bad arguments, a work dir without
-checkpoints, a missing step or an unusable OUT: a one-line error and exit code 2. Only whole checkpoints
+`--step` picks the checkpoint (default the latest). Which weights of it, three ways to average:
+- `--average-last N`: the float32 mean of the N saved checkpoints ending at that step (of their raw weights,
+  or with `--ema` of their EMAs); cheap, but only as many points as checkpoints were kept.
+- `--ema`: the exponential moving average of the weights saved with each checkpoint (train with
+  optim.ema_decay set): recent steps weigh most.
+- icefall's model averaging (train with optim.average_period set, the authors' 200): the train step keeps the
+  running mean of the weights at every period-th step since the start (`clsp_jax.averaging`), saved with
+  each checkpoint. `--averaged` exports it as saved at --step; `--average-between START END` exports the
+  mean of those snapshots after step START up to step END, computed in float64 from the running means saved
+  at the two steps (icefall's `average_checkpoints_with_averaged_model`, how the authors evaluate and start
+  each stage: START and END are saved checkpoints of the same run, and --step is not used).
+Bad arguments (--ema, --average-last and the averaged weights do not combine), a work dir without
+checkpoints or without the weights asked for, a missing step or an unusable OUT: a one-line error and exit
+code 2. Only whole checkpoints
 count (`clsp_jax.train.checkpoint.usable_steps`: a step folder without its commit marker, as of a save in
 progress, is not one), and one whose arrays do not read back is named with the reason, also in one line and
 exit code 2; the export never changes the run's folder.
@@ -37,7 +48,7 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 
-from clsp_jax import cli, storage
+from clsp_jax import averaging, cli, storage
 from clsp_jax.inference import CLSP
 from clsp_jax.train import checkpoint
 
@@ -54,6 +65,11 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--average-last", type=int, default=1, metavar="N",
                    help="average the N saved checkpoints ending at --step (default 1: no averaging)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    p.add_argument("--averaged", action="store_true",
+                   help="export icefall's running average of the weights saved at --step (optim.average_period)")
+    p.add_argument("--average-between", type=int, nargs=2, metavar=("START", "END"),
+                   help="export icefall's average of the weights between two saved steps: the running average's "
+                        "snapshots after START up to END (float64)")
     return p
 
 
@@ -82,6 +98,20 @@ def average_params(workdir: str, steps: list[int], use_ema: bool = False):
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         total = params if total is None else jax.tree.map(np.add, total, params)
     return jax.tree.map(lambda x: x / np.float32(len(steps)), total), config
+
+
+def averaged_between(workdir: str, start: int, end: int):
+    """-> (float64 mean of the running average's snapshots after step `start` up to step `end`, nested as the
+    params; the number of those snapshots; the run's config), from the running averages saved at both."""
+    if not start < end:
+        raise ValueError(f"--average-between {start} {end}: START must be before END")
+    a_start, n_start, _, _ = checkpoint.restore_average(workdir, start)
+    a_end, n_end, config, _ = checkpoint.restore_average(workdir, end)
+    if n_end == n_start:
+        period = config.get("optim", {}).get("average_period")
+        raise ValueError(f"--average-between {start} {end}: no snapshot of the running average between the two "
+                         f"steps (one every {period} steps)")
+    return averaging.average_between((n_start, a_start), (n_end, a_end)), n_end - n_start, config
 
 
 def _check_workdir(workdir: str) -> None:
@@ -160,29 +190,62 @@ def _local_tokenizer(workdir: str) -> Iterator[str | None]:
 
 
 def export(workdir: str, out: str, fmt: str, step: int | None = None, average_last: int = 1,
-           use_ema: bool = False) -> list[int]:
-    """Writes the export (see the module doc); returns the steps whose weights it holds."""
+           use_ema: bool = False, averaged: bool = False, average_between: tuple[int, int] | None = None) -> str:
+    """Writes the export (see the module doc); returns which weights it holds, in words."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose from {FORMATS}")
+    _check_weights(step, average_last, use_ema, averaged, average_between)
     _check_workdir(workdir)
     if fmt == "orbax" and not (storage.resolve(workdir) / "tokenizer.json").is_file():
         raise ValueError(f"--workdir {workdir} has no tokenizer.json (the orbax export carries it)")
     _check_out(out, fmt, workdir)
     saved, skipped = checkpoint.usable_steps(workdir)
-    if step is not None and step in skipped:
-        raise ValueError(f"the checkpoint at step {step} is {skipped[step]}; usable steps: {saved or 'none'}")
+    for s in [step] if average_between is None else average_between:
+        if s is not None and s in skipped:
+            raise ValueError(f"the checkpoint at step {s} is {skipped[s]}; usable steps: {saved or 'none'}")
     if not saved:
         raise ValueError(f"--workdir {workdir} has no checkpoints under {checkpoint.checkpoint_dir(workdir)}"
                          + "".join(f" (step {s} is {why})" for s, why in skipped.items()))
-    steps = select_steps(saved, step, average_last)
-    params, config = average_params(workdir, steps, use_ema)
+    if average_between is not None:
+        start, end = average_between
+        for s in average_between:
+            select_steps(saved, s, 1)  # a saved step, or the error naming the saved ones
+        params, count, config = averaged_between(workdir, start, end)
+        params = jax.tree.map(lambda x: x.astype(np.float32), params)
+        which = f"the average between steps {start} and {end} ({count} snapshots of the running average)"
+    elif averaged:
+        (end,) = select_steps(saved, step, 1)
+        params, config, _ = checkpoint.restore_params(workdir, end, averaged=True)
+        which = f"step {end} (averaged weights: the running average)"
+    else:
+        steps = select_steps(saved, step, average_last)
+        params, config = average_params(workdir, steps, use_ema)
+        which = f"step {steps[0]}" if len(steps) == 1 else f"the average of steps {', '.join(map(str, steps))}"
+        which += f" ({'EMA weights' if use_ema else 'weights'})"
     with _local_tokenizer(workdir) as tokenizer:
         model = CLSP.from_params(params, config["model"], tokenizer)
         if fmt == "orbax":
             model.save(out)
         else:
             write_torch(model, out)
-    return steps
+    return which
+
+
+def _check_weights(step, average_last: int, use_ema: bool, averaged: bool, average_between) -> None:
+    """The weight options combine as the module doc says, or ValueError."""
+    if averaged and average_between is not None:
+        raise ValueError("--averaged and --average-between exclude each other (--averaged exports the running "
+                         "average at --step)")
+    if averaged or average_between is not None:
+        flag = "--averaged" if averaged else "--average-between"
+        if use_ema:
+            raise ValueError(f"--ema and {flag} exclude each other (the EMA and icefall's average are two "
+                             "different averages)")
+        if average_last != 1:
+            raise ValueError(f"--average-last and {flag} exclude each other (--average-between averages "
+                             "between two saved steps)")
+    if average_between is not None and step is not None:
+        raise ValueError("--average-between START END names its own steps; drop --step")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,12 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.quiet_reported_errors()  # a checkpoint that does not read back is reported in one line below
     try:
         args = _parser().parse_args(argv)
-        steps = export(args.workdir, args.out, args.format, args.step, args.average_last, args.ema)
+        which = export(args.workdir, args.out, args.format, args.step, args.average_last, args.ema, args.averaged,
+                       args.average_between)
     except (ValueError, OSError) as e:
         return cli.usage_error("clsp_jax.export", e)
-    which = f"step {steps[0]}" if len(steps) == 1 else f"the average of steps {', '.join(map(str, steps))}"
-    print(f"exported {which} ({'EMA weights' if args.ema else 'weights'}) of {storage.resolve(args.workdir)} "
-          f"to {os.path.abspath(args.out)} ({args.format})")
+    print(f"exported {which} of {storage.resolve(args.workdir)} to {os.path.abspath(args.out)} ({args.format})")
     return 0
 
 

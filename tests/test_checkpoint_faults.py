@@ -2,7 +2,7 @@
 uncommitted or with files gone; a config changed under the work dir; a data dir without its split; a lower
 num_steps; a full disk during saves; and the time-based save policy at the start of a run.
 
-One micro run (6 steps, checkpoints at 2, 4, 6) is trained once per module; each test damages a copy of it
+One micro run (6 steps, checkpoints at 2, 4, 6, model averaging every 2 steps) is trained once per module; each test damages a copy of it
 (`shutil.copytree`) beside the original, so every run shares its persistent XLA cache.
 """
 
@@ -23,7 +23,8 @@ import pytest
 from train_fixtures import ROOT, micro_command, micro_data
 
 STEPS = ["--config.train.num_steps=6", "--config.train.audio_head_init_batches=0",
-         "--config.train.checkpoint_every_steps=2", "--config.train.checkpoint_every_minutes=0"]
+         "--config.train.checkpoint_every_steps=2", "--config.train.checkpoint_every_minutes=0",
+         "--config.optim.average_period=2"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def data_dir(base):
 
 @pytest.fixture(scope="module")
 def trained(base, data_dir):
-    """The work dir of an uninterrupted 6-step run (checkpoints 2, 4, 6; keep 3)."""
+    """The work dir of an uninterrupted 6-step run (checkpoints 2, 4, 6; keep 3; a running average of the
+    weights at steps 2, 4, 6)."""
     result = _run(base / "trained", data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _steps(base / "trained") == ["2", "4", "6"]
@@ -110,6 +112,29 @@ def test_torn_array_file_resumes_from_the_older_checkpoint_and_reproduces_the_ru
     assert step_a == step_b == 6
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    # The running average too: restored at step 4 with the state, it folds step 6 in as the uninterrupted run.
+    (a, _, step_a), (b, _, step_b) = (restore_params(str(w), averaged=True) for w in (trained, run))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_running_average_is_the_mean_of_the_checkpointed_weights(trained):
+    """Averaging every 2 steps, checkpoints at 2, 4, 6: the snapshots are the checkpointed raw weights, so the
+    running average saved at step 6 (the jitted step's update, through Orbax) is the float64 mean of the raw
+    weights saved at 2, 4 and 6."""
+    import jax
+
+    from clsp_jax.train.checkpoint import restore_average, restore_params
+
+    raw = [restore_params(str(trained), step)[0] for step in (2, 4, 6)]
+    average, count, _, _ = restore_average(str(trained), 6)
+    assert count == 3
+    expected = jax.tree.map(lambda *xs: np.mean(np.stack(xs).astype(np.float64), axis=0), *raw)
+    for x, y in zip(jax.tree.leaves(average), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
+    # Training moved the weights between the snapshots: the average is not the last of them.
+    assert any(not np.allclose(x, y, rtol=1e-6, atol=1e-9)
+               for x, y in zip(jax.tree.leaves(average), jax.tree.leaves(raw[-1])))
 
 
 def test_missing_metadata_or_item_is_moved_aside(trained, data_dir):
@@ -255,11 +280,11 @@ def _tmpfs(path, size):
 
 
 def test_disk_full_saves_fail_cleanly_and_a_rerun_with_space_resumes(trained, data_dir):
-    """The work dir on a 9 MiB tmpfs holding checkpoint 6 (5.4 MB): the saves at 8 and 10 run out of space.
+    """The work dir on a 14 MiB tmpfs holding checkpoint 6 (9.8 MB): the saves at 8 and 10 run out of space.
     Each failure is one line, its partial folder goes, training goes on; the failed final save ends the run
     with exit 1 and one line; checkpoint 6 is intact. With the tmpfs grown, the same command resumes from 6."""
     run = trained.parent / "full"
-    if not _tmpfs(run, "9m"):
+    if not _tmpfs(run, "14m"):
         pytest.skip("needs root to mount a size-limited tmpfs")
     try:
         (run / "checkpoints").mkdir()

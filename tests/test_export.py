@@ -1,5 +1,6 @@
 """`python -m clsp_jax.export` on a tiny work dir written without the trainer: three checkpoints of the
-reference fixture network (step 1 = the authors' weights, steps 2-3 perturbed, EMA saved at 2-3)."""
+reference fixture network (step 1 = the authors' weights, steps 2-3 perturbed, EMA saved at 2-3, and
+icefall's running average saved at 2-3 as averaging every step from step 2 would leave it)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def _fixture():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(workdir, fixture config, fixture state dict, {step: (params, ema)} as saved)."""
+    """(workdir, fixture config, fixture state dict, {step: (params, ema)} as saved).
+
+    The running average at step k >= 2 is the mean of the params of steps 2..k, stored as
+    `clsp_jax.averaging` keeps it: float32 mean + float32 rest of the float64 mean."""
     workdir = tmp_path_factory.mktemp("run")
     data, config, state = _fixture()
     params = nnx.to_pure_dict(nnx.state(CLSP.from_torch(state, config).net, nnx.Param))
@@ -41,6 +45,13 @@ def run(tmp_path_factory):
         saved[step] = (p, ema)
         train_state = {"step": np.int32(step), "params": p, "opt_state": {}, "ema": ema,
                        "nonfinite_streak": np.int32(0)}
+        if step >= 2:
+            mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs).astype(np.float64), axis=0),
+                                *(saved[s][0] for s in range(2, step + 1)))
+            train_state["average"] = {"count": np.int32(step - 1),
+                                      "mean": jax.tree.map(lambda m: m.astype(np.float32), mean),
+                                      "comp": jax.tree.map(lambda m: (m - m.astype(np.float32)).astype(np.float32),
+                                                           mean)}
         checkpoint.save(manager, step, train_state, data_state={"next_index": step}, force=True)
     manager.wait_until_finished()
     manager.close()
@@ -116,6 +127,26 @@ def test_average_of_the_last_two_checkpoints_is_their_mean(run, tmp_path, capsys
     assert not np.allclose(got["logit_scale"], _torch_names(saved[3][0], config)["logit_scale"])
 
 
+def test_running_average_and_the_average_between_two_steps(run, tmp_path, capsys):
+    """The running average as saved (float32 of mean + comp), and --average-between 2 3: the snapshots after
+    step 2 up to 3, i.e. step 3's params alone, from (2·A_3 − 1·A_2) / 1 in float64."""
+    workdir, config, _, saved = run
+    mean23 = jax.tree.map(lambda a, b: (a.astype(np.float64) + b) / 2, saved[2][0], saved[3][0])
+    params, _, step = checkpoint.restore_params(str(workdir), averaged=True)
+    assert step == 3
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(mean23)):
+        assert x.dtype == np.float32
+        np.testing.assert_allclose(x, y, rtol=1e-7, atol=1e-9)
+
+    out = tmp_path / "between" / "clsp.safetensors"
+    rc, stdout, err = _export(capsys, "--workdir", workdir, "--out", out, "--format", "torch",
+                              "--average-between", 2, 3)
+    assert rc == 0 and "exported the average between steps 2 and 3 (1 snapshots of the running average)" in stdout, err
+    expected, got = _torch_names(saved[3][0], config), load_file(str(out))
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 @pytest.mark.parametrize("saved,step,n,expected", [
     ([1, 2, 3], None, 1, [3]), ([3, 1, 2], None, 2, [2, 3]), ([1, 2, 3], 2, 2, [1, 2]), ([5, 10], 5, 1, [5]),
 ])
@@ -150,6 +181,24 @@ def test_errors_are_one_line_with_exit_code_2(run, tmp_path, capsys):
         (["--workdir", workdir, "--out", tmp_path / "o", "--format", "onnx"], "invalid choice: 'onnx'"),
         (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--step", 1, "--ema"],
          "the checkpoint at step 1 has no EMA weights"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--step", 1, "--averaged"],
+         "the checkpoint at step 1 has no averaged weights (optim.average_period was off)"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--average-between", 1, 3],
+         "the checkpoint at step 1 has no averaged weights"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--average-between", 3, 2],
+         "--average-between 3 2: START must be before END"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--average-between", 2, 5],
+         "no checkpoint at step 5; saved steps: [1, 2, 3]"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--average-between", 2],
+         "argument --average-between: expected 2 arguments"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--averaged", "--ema"],
+         "--ema and --averaged exclude each other"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--average-between", 2, 3,
+          "--average-last", 2], "--average-last and --average-between exclude each other"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--average-between", 2, 3,
+          "--averaged"], "--averaged and --average-between exclude each other"),
+        (["--workdir", workdir, "--out", tmp_path / "o", "--format", "orbax", "--average-between", 2, 3,
+          "--step", 3], "--average-between START END names its own steps; drop --step"),
     ]
     for argv, message in cases:
         rc, out, err = _export(capsys, *argv)

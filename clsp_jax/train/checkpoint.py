@@ -4,7 +4,7 @@ Layout of a work dir:
 
     <workdir>/config.json            the resolved config of the run
     <workdir>/tokenizer.json         the text tower's tokenizer (for export)
-    <workdir>/checkpoints/<step>/state   train state (step, params, opt_state, ema, nonfinite_streak)
+    <workdir>/checkpoints/<step>/state   train state (step, params, opt_state, ema, nonfinite_streak[, average])
     <workdir>/checkpoints/<step>/data    the input iterator's JSON state after the same step
 
 Saves are asynchronous; every `every_steps` steps and/or `every_minutes` minutes; the last `keep` are kept,
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from clsp_jax import distributed, storage
+from clsp_jax import averaging, distributed, storage
 from clsp_jax.cli import one_line
 
 log = logging.getLogger(__name__)
@@ -342,13 +343,44 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     return restored["state"], restored["data"]
 
 
-def restore_params(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = False):
+def restore_params(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = False,
+                   averaged: bool = False):
     """(params as a nested dict of numpy arrays, config dict, step) of a run, without its optimizer state.
 
-    For export and evaluation: reads the saved state's `params` (or `ema`) into host memory, whatever the
-    topology that saved it. Read-only: only whole checkpoints (`usable_steps`) count; a step folder that is not
-    one, or a checkpoint whose arrays do not read back, raises CheckpointError (one line).
+    For export and evaluation: reads the saved state's `params` (or `ema`, or with `averaged` the float32
+    rounding of icefall's running average, `restore_average`) into host memory, whatever the topology that
+    saved it. Read-only: only whole checkpoints (`usable_steps`) count; a step folder that is not one, a
+    checkpoint whose arrays do not read back, or one without the weights asked for raises CheckpointError
+    (one line).
     """
+    if use_ema and averaged:
+        raise CheckpointError("choose the EMA or the averaged weights, not both")
+    if averaged:
+        weights, count, config, step = restore_average(workdir, step)
+        if count == 0:
+            raise CheckpointError(f"the checkpoint at step {step} has no averaged weights yet (the first fold is "
+                                  f"at step optim.average_period = {config.get('optim', {}).get('average_period')})")
+        return jax.tree.map(lambda x: x.astype(np.float32), weights), config, step
+    key = "ema" if use_ema else "params"
+    params, config, step = _restore_item(workdir, step, key, "no EMA weights (train.ema_decay was off)")
+    return _match_keys(params, _param_template(config)), config, step
+
+
+def restore_average(workdir: str | os.PathLike, step: int | None = None):
+    """(weights, count, config dict, step): icefall's running average saved at `step` (default the latest),
+    `clsp_jax.averaging`. weights: float64 numpy arrays nested as the params (mean + compensation); count:
+    the snapshots it holds (0 before the first fold, when the weights are zeros). A run without averaging:
+    CheckpointError."""
+    average, config, step = _restore_item(workdir, step, "average",
+                                          "no averaged weights (optim.average_period was off)")
+    template = _param_template(config)
+    weights = averaging.average_value({k: _match_keys(average[k], template) for k in ("mean", "comp")})
+    return weights, int(average["count"]), config, step
+
+
+def _restore_item(workdir, step: int | None, key: str, missing: str):
+    """(the saved state's `key` subtree as host numpy arrays, config dict, step); `missing` completes the
+    error "the checkpoint at step N has ..." when the state has no `key`."""
     steps, skipped = usable_steps(workdir)
     if step is None:
         if not steps:
@@ -363,11 +395,10 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None, use_ema:
     manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
         read_only=True, create=False), item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                       "data": ocp.JsonCheckpointHandler()})
-    key = "ema" if use_ema else "params"
     try:
         saved = manager.item_metadata(step)["state"].tree
         if saved.get(key) is None:
-            raise CheckpointError(f"the checkpoint at step {step} has no EMA weights (train.ema_decay was off)")
+            raise CheckpointError(f"the checkpoint at step {step} has {missing}")
         # Only `key`, as host numpy arrays: the devices and mesh that wrote the checkpoint (several processes, an
         # FSDP mesh) need not exist here, and the optimizer state is never read.
         wanted = {key: saved[key]}
@@ -382,15 +413,24 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None, use_ema:
                               + (f"; older usable steps: {older}" if older else "")) from None
     finally:
         manager.close()
-    params = restored[key]
     config = json.loads((storage.resolve(workdir) / "config.json").read_text())
+    return restored[key], config, step
+
+
+def _param_template(config: Mapping) -> dict:
+    """The parameters' ShapeDtypeStructs of the run's network, nested as `nnx.to_pure_dict` nests them."""
+    return _param_template_of(json.dumps(config["model"], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _param_template_of(model_json: str) -> dict:
+    # Cached: tracing the network's constructor takes seconds, and an export reads several checkpoints.
     from flax import nnx
 
     from clsp_jax.models.clsp import CLSPNet
 
-    template = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: CLSPNet(config["model"], rngs=nnx.Rngs(0))),
-                                          nnx.Param))
-    return _match_keys(params, template), config, step
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: CLSPNet(json.loads(model_json), rngs=nnx.Rngs(0))),
+                                      nnx.Param))
 
 
 def _match_keys(tree, template):
