@@ -1,6 +1,7 @@
 """What the command-line programs (`clsp_jax.eval`, `clsp_jax.embed`, `clsp_jax.export`, `data_prep.prepare`)
 share: bad arguments and bad inputs end the same way, as one line on stderr and exit code 2; checkpoints
-load through `load_model`, whose failures are such a line too.
+load through `load_model` (an exported CLSP) or `load_run` (a training run's checkpoint), whose failures are
+such a line too.
 
     def main(argv=None) -> int:
         try:
@@ -59,6 +60,41 @@ def load_model(checkpoint: str) -> "CLSP":
                                tokenizer=str(tokenizer) if tokenizer.is_file() else None)
     except Exception as e:  # noqa: BLE001 -- a torn or foreign file fails in its libraries' own ways
         raise ValueError(f"--checkpoint {path} could not be loaded: {one_line(e)}") from None
+
+
+WEIGHTS = ("averaged", "raw", "ema")
+
+
+def load_run(workdir: str, step: int | None = None, weights: str | None = None) -> tuple["CLSP", dict]:
+    """The network of a training run's checkpoint at `step` (default the latest), with its tokenizer.json.
+
+    weights: "averaged" (icefall's running average, `clsp_jax.averaging`), "raw" or "ema"; None takes the
+    averaged weights when the checkpoint has them (the authors evaluate averaged models), else the raw ones.
+    Returns (model, {"source": "workdir", "path", "step", "weights", and with None "averaged_unavailable":
+    why the raw weights were taken}). Raises ValueError for anything that stops it loading."""
+    from clsp_jax.inference import CLSP
+    from clsp_jax.train import checkpoint
+
+    run = Path(workdir)
+    if not (run / "config.json").is_file():
+        raise ValueError(f"--workdir {workdir} is not a training run's folder (no config.json)")
+    block = {"source": "workdir", "path": str(run.resolve())}
+    chosen = weights or "averaged"
+    try:
+        params, config, step_ = checkpoint.restore_params(workdir, step, use_ema=chosen == "ema",
+                                                          averaged=chosen == "averaged")
+    except checkpoint.CheckpointError as e:
+        if weights is not None:
+            raise
+        block["averaged_unavailable"] = str(e)
+        chosen = "raw"
+        params, config, step_ = checkpoint.restore_params(workdir, step)
+    tokenizer = run / "tokenizer.json"
+    try:
+        model = CLSP.from_params(params, config["model"], str(tokenizer) if tokenizer.is_file() else None)
+    except Exception as e:  # noqa: BLE001 -- a config or tokenizer that does not fit fails in its own way
+        raise ValueError(f"--workdir {workdir} could not be loaded: {one_line(e)}") from None
+    return model, {**block, "step": step_, "weights": chosen}
 
 
 def one_line(error: BaseException, limit: int = 800) -> str:

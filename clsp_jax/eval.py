@@ -5,6 +5,7 @@
     python -m clsp_jax.eval --checkpoint DIR --task zeroshot --dataset ravdess --manifest ravdess_cuts.jsonl.gz \
         --audio-root RAVDESS [--label-field emotion|gender|age_bin] [--ensemble max|mean]
     python -m clsp_jax.eval --checkpoint DIR --task similarity --ratings ratings.csv [--audio-root AUDIO]
+    python -m clsp_jax.eval --workdir RUN [--step N] [--weights averaged|raw|ema] --task ...
     python -m clsp_jax.eval --check-overlap TRAIN.jsonl.gz [TRAIN2 ...] --manifest EVAL.jsonl.gz \
         [--audio-root AUDIO --train-audio-root TRAIN_AUDIO] [--checkpoint DIR --task ...]
 
@@ -18,6 +19,11 @@ resampled to 16 kHz. Retrieval uses the first global and the last fine-grained c
 speakers, recording ids, audio paths, normalised transcripts; audio contents too with --train-audio-root)
 and prints one line; results.json carries the block under "overlap" ({"checked": false} without the
 flag). Without --checkpoint it only runs the check and writes OUT/overlap.json (OUT default ./eval_overlap).
+
+--workdir evaluates a training run's checkpoint directly (its latest, or --step): by default icefall's running
+average of the weights when the run kept one (optim.average_period; the authors evaluate averaged models),
+else the raw weights; --weights picks. The report says which weights it evaluated ("weights" in results.json,
+a note under the table).
 
 Writes OUT/results.json (metrics, counts, skipped and failed clips) and OUT/results.md (the table, also
 printed); OUT defaults to ./eval_<task>. Audio that is missing or cannot be decoded is skipped, counted
@@ -59,6 +65,11 @@ RETRIEVAL_KINDS = ("global", "finegrained")
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m clsp_jax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a CLSP.save directory (config.json, params/, tokenizer.json)")
+    p.add_argument("--workdir", help="instead of --checkpoint: a training run's folder (config.json, "
+                                     "tokenizer.json, checkpoints/)")
+    p.add_argument("--step", type=int, help="with --workdir: the checkpoint's step (default the latest)")
+    p.add_argument("--weights", choices=cli.WEIGHTS,
+                   help="with --workdir: which weights (default: averaged when the checkpoint has them, else raw)")
     p.add_argument("--task", choices=TASKS)
     p.add_argument("--check-overlap", nargs="+", metavar="TRAIN_MANIFEST",
                    help="training manifests to check --manifest against for shared speakers, recordings and "
@@ -102,15 +113,23 @@ def _check_args(args) -> None:
             _existing_file(path, "--check-overlap" if path != args.manifest else "--manifest")
         if args.train_audio_root and not Path(args.train_audio_root).is_dir():
             raise ValueError(f"--train-audio-root {args.train_audio_root} does not exist")
-        if not args.checkpoint and not args.task:
+        if not args.checkpoint and not args.workdir and not args.task:
             return  # the check alone
     elif args.train_audio_root:
         raise ValueError("--train-audio-root goes with --check-overlap")
-    if not args.checkpoint or not args.task:
-        raise ValueError("--checkpoint and --task are required (or --check-overlap with --manifest alone)")
-    _local(args.checkpoint, "--checkpoint")
-    if not (Path(args.checkpoint) / "config.json").is_file():
-        raise ValueError(f"--checkpoint {args.checkpoint} is not a saved CLSP (no config.json)")
+    if args.checkpoint and args.workdir:
+        raise ValueError("--checkpoint and --workdir exclude each other (an exported CLSP, or a training run)")
+    if not args.workdir and (args.step is not None or args.weights):
+        raise ValueError("--step and --weights go with --workdir")
+    if not (args.checkpoint or args.workdir) or not args.task:
+        raise ValueError("--checkpoint (or --workdir) and --task are required (or --check-overlap with --manifest "
+                         "alone)")
+    if args.workdir:
+        _local(args.workdir, "--workdir")
+    else:
+        _local(args.checkpoint, "--checkpoint")
+        if not (Path(args.checkpoint) / "config.json").is_file():
+            raise ValueError(f"--checkpoint {args.checkpoint} is not a saved CLSP (no config.json)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     max_audio_samples(args.max_audio_seconds, "--max-audio-seconds")
@@ -256,6 +275,10 @@ def markdown(task: str, metrics: dict, report: dict) -> str:
         notes.append(f"longer than {report['max_audio_seconds']:g} s, embedded in windows: {report['num_windowed']}")
     if task == "similarity":
         notes.append(f"pairs skipped (failed audio): {metrics['num_pairs_skipped']}")
+    weights = report.get("weights", {})
+    if weights.get("source") == "workdir":
+        notes.append(f"{weights['weights']} weights of step {weights['step']} of {weights['path']}"
+                     + (" (the checkpoint has no averaged weights)" if "averaged_unavailable" in weights else ""))
     return "\n".join(lines + ["", "; ".join(notes)]) + "\n"
 
 
@@ -301,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         _check_args(args)
         overlap_block = _check_overlap(args)
-        if not args.checkpoint:
+        if not args.checkpoint and not args.workdir:
             out = epath.Path(args.out or "eval_overlap")
             out.mkdir(parents=True, exist_ok=True)
             (out / "overlap.json").write_text(json.dumps(overlap_block, indent=2) + "\n")
@@ -309,11 +332,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.task == "zeroshot":
             _zero_shot_task_names(args.dataset, args.label_field)
-        model = cli.load_model(args.checkpoint)
+        if args.workdir:
+            model, weights = cli.load_run(args.workdir, args.step, args.weights)
+        else:
+            model, weights = cli.load_model(args.checkpoint), {"source": "checkpoint",
+                                                               "path": os.path.abspath(args.checkpoint)}
         if model.tokenizer is None:
-            raise ValueError(f"--checkpoint {args.checkpoint} has no tokenizer.json")
+            raise ValueError(f"{'--workdir' if args.workdir else '--checkpoint'} "
+                             f"{args.workdir or args.checkpoint} has no tokenizer.json")
         metrics, report = _evaluate(args, model)
         report["overlap"] = overlap_block
+        report["weights"] = weights
         if not _evaluated(args.task, metrics):
             raise ValueError(f"no clip could be evaluated ({report.get('num_failed', 0)} of "
                              f"{report.get('num_clips', 0)} failed to load; see the warnings above)")
@@ -331,7 +360,7 @@ def _write_results(args, metrics: dict, report: dict) -> None:
                                              "label_field", "ratings") if getattr(args, k)}
     if args.task == "zeroshot":
         inputs["ensemble"] = args.ensemble
-    results = {"task": args.task, "checkpoint": os.path.abspath(args.checkpoint), "inputs": inputs,
+    results = {"task": args.task, "checkpoint": report["weights"]["path"], "inputs": inputs,
                "metrics": metrics, **report}
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
     table = markdown(args.task, metrics, report)

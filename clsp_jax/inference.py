@@ -278,6 +278,12 @@ def _abstract_net(config: Mapping):
     return _abstract_net_cached(json.dumps(model_config(config), sort_keys=True))
 
 
+def abstract_params(config: Mapping) -> dict:
+    """The parameters' ShapeDtypeStructs of the config's network, nested as `nnx.to_pure_dict` nests them
+    (cached, as `_abstract_net`)."""
+    return _abstract_net(config)[1]
+
+
 def _materialize(graphdef, params, abstract_rest) -> CLSPNet:
     """The network of `graphdef` with `params` (a nested dict of arrays) and fresh concrete non-param state
     (rng streams re-seeded)."""

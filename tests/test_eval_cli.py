@@ -115,6 +115,8 @@ def test_similarity_on_audio_pairs(run, checkpoint, tmp_path):
     (["--task", "similarity"], "similarity needs --ratings"),
     (["--task", "translate"], "argument --task: invalid choice: 'translate'"),
     (["--task", "similarity", "--ratings", "M", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--workdir", "run", "--task", "similarity", "--ratings", "M"], "--checkpoint and --workdir exclude each other"),
+    (["--task", "similarity", "--ratings", "M", "--weights", "raw"], "--step and --weights go with --workdir"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "ckpt").mkdir()
@@ -132,6 +134,61 @@ def test_module_entry_point_reports_a_missing_checkpoint(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"clsp_jax.eval: error: --checkpoint {tmp_path / 'none'} is not a saved CLSP (no config.json)")
+
+
+def test_a_training_run_is_evaluated_with_its_averaged_weights_by_default(checkpoint, tmp_path, monkeypatch, capsys):
+    """--workdir: step 2 of the run holds a running average (its logit_scale 1 above the raw one), step 1 none.
+    Default: the averaged weights of the latest step; --weights raw: the raw ones; --step 1: the raw ones,
+    saying why; --weights averaged there: a one-line error. results.json and the table say which weights."""
+    import shutil
+
+    import jax
+    from flax import nnx
+
+    from clsp_jax.inference import CLSP
+    from clsp_jax.train import checkpoint as checkpoints
+    from eval_fixtures import TOKENIZER
+
+    _, model = checkpoint
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model.net, nnx.Param)))
+    run = tmp_path / "run"
+    manager = checkpoints.make_manager(str(run), every_steps=1)
+    for step in (1, 2):
+        state = {"step": np.int32(step), "params": params, "opt_state": {}, "ema": None,
+                 "nonfinite_streak": np.int32(0)}
+        if step == 2:
+            state["average"] = {"count": np.int32(1), "mean": {**params, "logit_scale": params["logit_scale"] + 1},
+                                "comp": jax.tree.map(np.zeros_like, params)}
+        checkpoints.save(manager, step, state, data_state={"next_index": step}, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    (run / "config.json").write_text(json.dumps({"model": model.config}))
+    shutil.copyfile(TOKENIZER, run / "tokenizer.json")
+    # The network built from the restored weights is the fixture's (compiled already); the scale tells which.
+    scales = []
+    monkeypatch.setattr(CLSP, "from_params", classmethod(
+        lambda cls, p, config, tokenizer=None: scales.append(float(p["logit_scale"])) or model))
+    for i in range(4):  # test_similarity_on_audio_pairs's clips and batch size: its compiled programs
+        ff.write_audio(tmp_path / f"a{i}.wav", ff.tone(1.0 + 0.2 * i, seed=i))
+    (tmp_path / "r.csv").write_text("audio_a,audio_b,score\na0.wav,a1.wav,3\na0.wav,a2.wav,2\na1.wav,a3.wav,1\n")
+    raw = float(params["logit_scale"])
+    for argv, weights, step, scale in (([], "averaged", 2, raw + 1), (["--weights", "raw"], "raw", 2, raw),
+                                       (["--step", "1"], "raw", 1, raw)):
+        out = tmp_path / f"res_{weights}_{step}"
+        assert cli.main(["--workdir", str(run), *argv, "--task", "similarity", "--ratings", str(tmp_path / "r.csv"),
+                         "--out", str(out), "--batch-size", "8"]) == 0, capsys.readouterr().err
+        results, table = read_results(out)
+        assert scales[-1] == pytest.approx(scale)
+        assert results["weights"]["weights"] == weights and results["weights"]["step"] == step
+        assert f"{weights} weights of step {step} of {run}" in table
+        assert results["checkpoint"] == str(run)
+    assert "no averaged weights (optim.average_period was off)" in results["weights"]["averaged_unavailable"]
+    assert "(the checkpoint has no averaged weights)" in table
+    capsys.readouterr()
+    assert cli.main(["--workdir", str(run), "--step", "1", "--weights", "averaged", "--task", "similarity",
+                     "--ratings", str(tmp_path / "r.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == ("clsp_jax.eval: error: the checkpoint at step 1 has no averaged "
+                                               "weights (optim.average_period was off)")
 
 
 def test_long_clips_are_windowed_and_counted():

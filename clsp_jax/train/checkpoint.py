@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import json
 import logging
 import os
@@ -419,18 +418,9 @@ def _restore_item(workdir, step: int | None, key: str, missing: str):
 
 def _param_template(config: Mapping) -> dict:
     """The parameters' ShapeDtypeStructs of the run's network, nested as `nnx.to_pure_dict` nests them."""
-    return _param_template_of(json.dumps(config["model"], sort_keys=True))
+    from clsp_jax.inference import abstract_params
 
-
-@functools.lru_cache(maxsize=4)
-def _param_template_of(model_json: str) -> dict:
-    # Cached: tracing the network's constructor takes seconds, and an export reads several checkpoints.
-    from flax import nnx
-
-    from clsp_jax.models.clsp import CLSPNet
-
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: CLSPNet(json.loads(model_json), rngs=nnx.Rngs(0))),
-                                      nnx.Param))
+    return abstract_params(config["model"])
 
 
 def _match_keys(tree, template):
