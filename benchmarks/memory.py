@@ -5,7 +5,7 @@
         [--config.key=value ...]
 
 Prints (1) the train state's bytes per device under the mesh's parameter shardings (params, optimizer
-state, EMA), (2) the sharding report: the largest weights left fully replicated, and whether
+state, EMA, running average), (2) the sharding report: the largest weights left fully replicated, and whether
 `sharding.check_no_large_replicated` accepts the layout, and (3) unless --no-compile, XLA's memory analysis
 of the compiled step (arguments, outputs, aliased = donated, temporaries, generated code) per device. The
 step is lowered from `jax.ShapeDtypeStruct`s carrying their shardings, so a 724M-parameter model compiles
@@ -72,11 +72,13 @@ def run(args, config) -> dict:
     params = nnx.to_pure_dict(params)
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), params)
     ema = config.optim.get("ema_decay") is not None
-    state = jax.eval_shape(lambda p: state_from_params(p, tx, ema), params)
+    average = bool(config.optim.get("average_period"))
+    state = jax.eval_shape(lambda p: state_from_params(p, tx, ema, average), params)
     shardings = state_shardings(state, mesh)
 
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    state_bytes = {k: _bytes_per_device(state[k], shardings[k]) for k in ("params", "opt_state", "ema")}
+    state_bytes = {k: _bytes_per_device(state[k], shardings[k]) for k in ("params", "opt_state", "ema", "average")
+                   if k in state}
     replicated = sharding.replicated_report(params, shardings["params"], top=5)
     try:
         sharding.check_no_large_replicated(params, shardings["params"], mesh)
@@ -110,7 +112,7 @@ def run(args, config) -> dict:
         step_fn = make_train_step(graphdef, rest, tx, schedule, objective=config.loss.objective,
                                   loss_cfg=config.loss.to_dict(), seed=int(t.seed),
                                   ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen),
-                                  mesh=mesh)
+                                  mesh=mesh, average_period=config.optim.get("average_period"))
         step = sharding.jit_train_step(step_fn, shardings, mesh)
         start = time.perf_counter()
         compiled = step.lower(abstract_state, batch).compile()
@@ -129,7 +131,8 @@ def report(r: dict) -> None:
           f"compute {r['compute_dtype']}, remat {r['remat']}, objective {r['objective']}")
     s = r["state_bytes_per_device"]
     print(f"train state per device: params {gib(s['params'])}, optimizer {gib(s['opt_state'])}, "
-          f"ema {gib(s['ema'])}, total {gib(sum(s.values()))}")
+          f"ema {gib(s['ema'])}, " + (f"running average {gib(s['average'])}, " if "average" in s else "")
+          + f"total {gib(sum(s.values()))}")
     print("largest fully replicated weights:")
     for path, n in r["largest_replicated"]:
         print(f"  {path}: {n:,} elements ({gib(4 * n)} float32)")

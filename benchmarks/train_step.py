@@ -259,12 +259,14 @@ def build_step(config, net, mesh) -> tuple[Callable, dict]:
     """(jitted step, train state) of `net` as the trainer builds them; the step donates the state."""
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     tx, schedule = optim.make_optimizer(config.optim.to_dict(), params)
-    state = train_state.init_state(net, tx, ema=config.optim.get("ema_decay") is not None)
+    state = train_state.init_state(net, tx, ema=config.optim.get("ema_decay") is not None,
+                                   average=bool(config.optim.get("average_period")))
     shardings = train_state.state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     step_fn = make_train_step(graphdef, rest, tx, schedule, objective=config.loss.objective,
                               loss_cfg=config.loss.to_dict(), seed=int(config.train.seed),
-                              ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen), mesh=mesh)
+                              ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen), mesh=mesh,
+                              average_period=config.optim.get("average_period"))
     return sharding.jit_train_step(step_fn, shardings, mesh), state
 
 

@@ -2,8 +2,9 @@
 uncommitted or with files gone; a config changed under the work dir; a data dir without its split; a lower
 num_steps; a full disk during saves; and the time-based save policy at the start of a run.
 
-One micro run (6 steps, checkpoints at 2, 4, 6, model averaging every 2 steps) is trained once per module; each test damages a copy of it
-(`shutil.copytree`) beside the original, so every run shares its persistent XLA cache.
+One micro run (6 steps, checkpoints at 2, 4, 6, model averaging every 2 steps) is trained once per module;
+each test damages a copy of it (`shutil.copytree`) beside the original, so every run shares its persistent
+XLA cache.
 """
 
 from __future__ import annotations
@@ -81,15 +82,16 @@ def _assert_clean(result):
 
 
 def test_torn_array_file_resumes_from_the_older_checkpoint_and_reproduces_the_run(trained, data_dir, capsys):
-    """The newest checkpoint's largest array file cut in half. Export names it in one line (exit 2) and leaves
-    the run as it is. The run reports the read error in one line, moves the folder aside, resumes from step 4
-    and repeats the uninterrupted run's losses and weights."""
+    """The newest checkpoint's two largest array files (the word embeddings of the weights and of their running
+    average) cut in half. Export names it in one line (exit 2) and leaves the run as it is. The run reports the
+    read error in one line, moves the folder aside, resumes from step 4 and repeats the uninterrupted run's
+    losses, weights and running average."""
     from clsp_jax import export
 
     run = _copy(trained, "torn")
     chunks = run / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d"
-    largest = max(chunks.iterdir(), key=lambda p: p.stat().st_size)
-    os.truncate(largest, largest.stat().st_size // 2)
+    for largest in sorted(chunks.iterdir(), key=lambda p: p.stat().st_size)[-2:]:
+        os.truncate(largest, largest.stat().st_size // 2)
     assert export.main(["--workdir", str(run), "--out", str(run.parent / "torn_export"), "--format", "orbax"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the checkpoint at step 6 does not restore (ValueError: OUT_OF_RANGE" in err

@@ -103,15 +103,26 @@ class IntervalSinceStart(policies.ContinuousCheckpointingPolicy):
 
 class _ReportedElsewhere(logging.Filter):
     """Drops the error records, with their tracebacks, that Orbax's threads (through absl) and asyncio (a
-    failed write's unawaited futures) log for a checkpoint that fails to save or restore: `Saver` and
-    `restore_newest` report each such failure in one line. Other records pass."""
+    failed write's unawaited futures; the gathered reads of a restore whose arrays failed after the first)
+    log for a checkpoint that fails to save or restore: `Saver` and `restore_newest` report each such failure
+    in one line. Other records pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
         if record.name == "asyncio":
-            return "orbax" not in record.getMessage()
+            return "orbax" not in record.getMessage() and not _raised_in_orbax(record.exc_info)
         return "/orbax/" not in record.pathname.replace(os.sep, "/")
+
+
+def _raised_in_orbax(exc_info) -> bool:
+    """Whether a record's exception passed through Orbax's code (a frame of its traceback is Orbax's)."""
+    traceback = exc_info[2] if exc_info else None
+    while traceback is not None:
+        if "/orbax/" in traceback.tb_frame.f_code.co_filename.replace(os.sep, "/"):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _late_callback(traceback) -> bool:

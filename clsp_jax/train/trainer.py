@@ -206,7 +206,9 @@ def _text_cache(config, text_graphdef, text_params, tokenizer: CaptionTokenizer)
 FIXED_ON_RESUME = ("model.", "loss.", "data.sources", "data.stage", "data.seed", "data.sample_rate",
                    "data.bucket_boundaries_s", "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
                    "data.stage1_caption_pool", "data.text_fixed_length", "data.text_length_buckets", "train.seed",
-                   "optim.average_period")  # the running average's period: its snapshots' spacing, and its state
+                   # On or off changes the train state's tree (no checkpoint would restore), and a new period
+                   # would mix snapshot spacings in one running mean.
+                   "optim.average_period")
 
 
 def check_resume_config(config, workdir: str) -> None:
