@@ -31,8 +31,8 @@ and listed. Clips longer than --max-audio-seconds (default 30) are embedded as t
 most that length (`clsp_jax.inference`) and counted. Bad arguments or missing files: a one-line error and
 exit code 2.
 
---data-dir and --out may be `gs://` URLs (read and written through etils.epath); the checkpoint, manifests,
-ratings and audio are local files.
+--data-dir and --out may be `gs://` URLs (read and written through etils.epath); the checkpoint or work dir,
+manifests, ratings and audio are local files.
 """
 
 from __future__ import annotations
