@@ -28,11 +28,11 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _params(workdir):
+def _params(workdir, averaged=False):
     from clsp_jax.train.checkpoint import restore_params
     import jax
 
-    params, _, step = restore_params(str(workdir))
+    params, _, step = restore_params(str(workdir), averaged=averaged)
     return step, jax.tree.leaves(params)
 
 
@@ -94,7 +94,7 @@ def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):
 @pytest.mark.slow  # the default run covers SIGTERM, kill -9 and resume with 2 processes (test_multihost_train.py)
 def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data_dir):
     steps = ["--config.train.num_steps=8", "--config.train.checkpoint_every_steps=3",
-             "--config.train.checkpoint_every_minutes=0"]
+             "--config.train.checkpoint_every_minutes=0", "--config.optim.average_period=2"]
     full = tmp_path / "full"
     result = _run(full, data_dir, *steps)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,10 +120,11 @@ def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data
     assert sorted(resumed) == sorted(reference)
     np.testing.assert_allclose([resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
                                rtol=1e-6, atol=1e-6)
-    (s1, a), (s2, b) = _params(full), _params(killed)
-    assert s1 == s2 == 8
-    for x, y in zip(a, b):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    for averaged in (False, True):  # the weights, and their running average (steps 2, 4, 6, 8; resumed at 3)
+        (s1, a), (s2, b) = _params(full, averaged), _params(killed, averaged)
+        assert s1 == s2 == 8
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
 
     # SIGTERM: a checkpoint at the current step, exit 0; the restart continues to the end.
     termed = tmp_path / "termed"
