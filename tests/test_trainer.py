@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from train_fixtures import ROOT, micro_command as _command, micro_data
+from train_fixtures import ROOT, fake_devices_env, micro_command as _command, micro_data
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def data_dir(tmp_path_factory):
 
 def _run(workdir, data_dir, *extra, timeout=600, env=None):
     return subprocess.run(_command(workdir, data_dir, *extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=None if env is None else {**os.environ, **env})
+                          timeout=timeout, env=env)
 
 
 def _losses(workdir):
@@ -68,7 +68,7 @@ def test_missing_data_dir_and_batch_multiple_fail_with_one_line(tmp_path, data_d
     result = _run(tmp_path / "run", str(tmp_path / "nowhere"), timeout=120)
     assert result.returncode == 2
     assert "config error: data.data_dir" in result.stderr and "nowhere" in result.stderr
-    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    two_devices = fake_devices_env(2)
     result = _run(tmp_path / "run", data_dir, "--config.data.batch_size_multiple=3", "--config.train.mesh=(2,1,1)",
                   timeout=120, env=two_devices)
     assert result.returncode == 2 and "batch_size_multiple=3" in result.stderr, result.stderr[-2000:]
