@@ -47,8 +47,10 @@ def test_stage1_pools():
     assert draws("finegrained") == set(CLIP.finegrained_captions)
     assert draws("global") == set(CLIP.global_captions)
     assert draws("both") == set(CLIP.global_captions + CLIP.finegrained_captions)
+    assert draws("fixed") == {CLIP.finegrained_captions[0]}  # the same caption whatever the step's draw
     only_global = ClipText(global_captions=("g" * 40,), finegrained_captions=())
     assert captions.sample_captions(only_global, 0, CaptionConfig(), rng())[0] == ["g" * 40]
+    assert captions.sample_captions(only_global, 0, CaptionConfig(stage1_caption_pool="fixed"), rng())[0] == ["g" * 40]
     with pytest.raises(ValueError, match="stage1_caption_pool"):
         CaptionConfig(stage1_caption_pool="short")
 

@@ -204,7 +204,8 @@ def _text_cache(config, text_graphdef, text_params, tokenizer: CaptionTokenizer)
 # decides which clips each step sees (sources, stage, buckets, batch layout, seeds). Others (steps, logging,
 # evaluation, the learning-rate schedule, the data dir's location) may change on resume.
 FIXED_ON_RESUME = ("model.", "loss.", "data.sources", "data.stage", "data.seed", "data.sample_rate",
-                   "data.bucket_boundaries_s", "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
+                   "data.bucket_boundaries_s", "data.duration_bins", "data.min_audio_seconds",
+                   "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
                    "data.stage1_caption_pool", "data.text_fixed_length", "data.text_length_buckets", "train.seed")
 
 
