@@ -7,7 +7,7 @@ audio per device on 8 devices; the running weight average updated every 200 step
 
 Required on the command line: --config.data.data_dir, --config.data.tokenizer (roberta-base tokenizer.json),
 --config.train.init_speech / init_text (SPEAR-XLarge, roberta-base), --config.optim.steps_per_epoch (Eden's
-epoch term: the batches per epoch that the run's first log line reports) and --config.train.num_steps
+epoch term: the batches per epoch, which the run logs at start) and --config.train.num_steps
 (their 100 epochs = 100 x steps_per_epoch). On another device count, scale
 data.max_audio_seconds_per_batch (800 s x devices) and set data.batch_size_multiple to the device count.
 """

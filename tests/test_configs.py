@@ -5,6 +5,8 @@ network of configs/clsp_base.py, which test_clsp.py builds abstractly."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -107,3 +109,17 @@ def test_stage_config_pins_the_authors_recipe(stage):
     tx, _ = optim.make_optimizer(cfg, params)
     state = jax.eval_shape(tx.init, params)
     assert len(optim.clip_factors(state)) == (2 if towers != 1.0 else 1)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("duration_bins", 0, "data.duration_bins must be None or >= 1"),
+    ("min_audio_seconds", 30.0, "data.min_audio_seconds must lie in [0, 30.0)"),
+    ("min_audio_seconds", 4.0, "data.data_dir"),  # valid: the check goes on to the (unset) data dir
+])
+def test_bad_batching_keys_are_refused_in_one_line(key, value, message):
+    from clsp_jax.train.trainer import ConfigError, check_config
+
+    config = clsp_stage1.get_config()
+    config.data[key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(config, num_devices=8)

@@ -63,6 +63,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         raise ConfigError(f"loss.objective: {e}") from None
     if t.compute_dtype not in DTYPES:
         raise ConfigError(f"train.compute_dtype {t.compute_dtype!r}: choose from {sorted(DTYPES)}")
+    if d.duration_bins is not None and not d.duration_bins >= 1:
+        raise ConfigError(f"data.duration_bins must be None or >= 1, got {d.duration_bins!r}")
+    if not 0.0 <= d.min_audio_seconds < d.bucket_boundaries_s[-1]:
+        raise ConfigError(f"data.min_audio_seconds must lie in [0, {d.bucket_boundaries_s[-1]}) (the last bucket "
+                          f"boundary), got {d.min_audio_seconds!r}")
     if not d.data_dir or not epath.Path(d.data_dir).is_dir():
         raise ConfigError(f"data.data_dir {d.data_dir!r} is not a directory (prepare it with data_prep.prepare)")
     if not d.tokenizer or not epath.Path(d.tokenizer).is_file():
