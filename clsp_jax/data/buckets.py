@@ -64,12 +64,12 @@ def estimate_duration_bins(durations_s: np.ndarray, num_bins: int, max_s: float)
     durations = durations[durations <= max_s]
     if durations.size == 0:
         raise ValueError(f"no clip of at most {max_s} s to estimate duration bins from")
-    per_bin, total, edges = durations.sum() / num_bins, 0.0, []
-    for d in durations:
-        if total > per_bin:
-            edges.append(d)
-            total = 0.0
-        total += d
+    # The walk, one bin per search over the running sums (tens of bins over millions of clips): a bin that
+    # starts at clip s closes at the first clip j with sum(durations[s:j]) > per_bin.
+    cumulative = np.concatenate([[0.0], np.cumsum(durations)])
+    per_bin, start, edges = cumulative[-1] / num_bins, 0, []
+    while (start := int(np.searchsorted(cumulative, cumulative[start] + per_bin, side="right"))) < durations.size:
+        edges.append(durations[start])
     edges = np.ceil(np.asarray(edges) * 100.0 - 1e-6) / 100.0
     return tuple(float(e) for e in np.unique(edges) if e < max_s) + (float(max_s),)
 
