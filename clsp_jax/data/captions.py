@@ -4,8 +4,8 @@ Rows: a batch of B clips carries K captions per clip, caption k of clip i at row
 
 - stage 1, K=1: one caption drawn each step from ``stage1_caption_pool`` ("finegrained", "global", "both"),
   or with "fixed" the same caption at every step: the clip's first fine-grained caption (its first global
-  one if it has none). The authors' stage 1 reads one fixed string per clip (the cut's
-  ``supervisions[0].text``); an FCaps-Emilia clip carries a single fine-grained caption.
+  one if it has none), as the authors' stage 1 reads one fixed string per clip (the cut's
+  ``supervisions[0].text``).
 - stage 2, K=2: the step's task decides for the whole batch:
   task 0 (Task 1) = (a global caption, a fine-grained caption);
   task 1 (Task 2) = (two different fine-grained captions).
