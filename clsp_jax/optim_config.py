@@ -41,6 +41,9 @@ from `default_optim_config()` and rejects unknown ones. Keys:
                    `--encoder-lr-scale 0.02222`.
   frozen           regexes; matching parameters get zero updates and hold no optimizer state. Default [].
   ema_decay        decay of a float32 weight EMA kept by the train step (`clsp_jax.optim.ema_update`); None = off.
+  average_period   icefall's model averaging: every this many steps the train step folds the weights into a
+                   running mean of the snapshots since the start (`clsp_jax.averaging`); None or 0 = off.
+                   The authors' value is 200.
 
 Parameter paths (the patterns' subject) are described in `clsp_jax.optim`.
 """
@@ -77,6 +80,7 @@ _DEFAULTS = dict(
     param_groups=[{"name": "towers", "pattern": TOWERS_PATTERN, "lr_scale": ENCODER_LR_SCALE}],
     frozen=[],
     ema_decay=None,
+    average_period=None,
 )
 
 

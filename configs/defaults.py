@@ -35,6 +35,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
     config.optim.total_steps = config_dict.placeholder(int)
     config.optim.steps_per_epoch = config_dict.placeholder(int)
     config.optim.ema_decay = config_dict.placeholder(float)
+    config.optim.average_period = config_dict.placeholder(int)  # icefall's running average; None/0 = off
 
     config.loss = ml_collections.ConfigDict(
         dict(

@@ -63,6 +63,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         raise ConfigError(f"loss.objective: {e}") from None
     if t.compute_dtype not in DTYPES:
         raise ConfigError(f"train.compute_dtype {t.compute_dtype!r}: choose from {sorted(DTYPES)}")
+    if d.duration_bins is not None and not d.duration_bins >= 1:
+        raise ConfigError(f"data.duration_bins must be None or >= 1, got {d.duration_bins!r}")
+    if not 0.0 <= d.min_audio_seconds < d.bucket_boundaries_s[-1]:
+        raise ConfigError(f"data.min_audio_seconds must lie in [0, {d.bucket_boundaries_s[-1]}) (the last bucket "
+                          f"boundary), got {d.min_audio_seconds!r}")
     if not d.data_dir or not epath.Path(d.data_dir).is_dir():
         raise ConfigError(f"data.data_dir {d.data_dir!r} is not a directory (prepare it with data_prep.prepare)")
     if not d.tokenizer or not epath.Path(d.tokenizer).is_file():
@@ -204,7 +209,8 @@ def _text_cache(config, text_graphdef, text_params, tokenizer: CaptionTokenizer)
 # decides which clips each step sees (sources, stage, buckets, batch layout, seeds). Others (steps, logging,
 # evaluation, the learning-rate schedule, the data dir's location) may change on resume.
 FIXED_ON_RESUME = ("model.", "loss.", "data.sources", "data.stage", "data.seed", "data.sample_rate",
-                   "data.bucket_boundaries_s", "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
+                   "data.bucket_boundaries_s", "data.duration_bins", "data.min_audio_seconds",
+                   "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
                    "data.stage1_caption_pool", "data.text_fixed_length", "data.text_length_buckets", "train.seed")
 
 
