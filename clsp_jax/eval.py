@@ -150,12 +150,6 @@ def _zero_shot_task_names(dataset: str, label_field: str | None) -> list[str]:
     return names
 
 
-def _label(record: dict, key: str) -> str | None:
-    sup = record["supervisions"][0]
-    value = (sup.get("custom") or {}).get(key, sup.get(key))
-    return None if value is None else str(value)
-
-
 def _embed_fns(model, max_seconds: float, report: dict) -> tuple[evaluators.EmbedFn, evaluators.EmbedFn]:
     """The model's embedding functions, clips longer than `max_seconds` embedded in windows and counted in
     report["num_windowed"] (beside report["max_audio_seconds"])."""
@@ -204,7 +198,7 @@ def _evaluate(args, model) -> tuple[dict, dict]:
             tasks = {}
             for name in _zero_shot_task_names(args.dataset, args.label_field):
                 key = ZERO_SHOT_TASKS[name][0]
-                tasks[name] = evaluators.paper_task(name, [_label(r, key) for r in read.records])
+                tasks[name] = evaluators.paper_task(name, [sources.cut_label(r, key) for r in read.records])
             metrics = evaluators.ZeroShotEvaluator(batches, tasks, tokenizer, ensemble=args.ensemble).run(*embed)
     report.update(num_failed=len(batches.failures), failed=batches.failures, truncated=sorted(batches.truncated))
     return metrics, report
