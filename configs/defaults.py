@@ -90,7 +90,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
                 # the paper's gender prompts on the dev split's gender tags
                 dev_zeroshot=dict(kind="zeroshot", every_steps=1000, split="dev", tasks=("gender",)),
                 # linear probes of every tag the dev split has (off: --config.eval.evaluators.dev_probe.every_steps=N)
-                dev_probe=dict(kind="linear_probe", every_steps=0, split="dev"),
+                dev_probe=dict(kind="linear_probe", every_steps=0, split="dev", folds=5, l2=1e-2),
             ),
         )
     )
