@@ -56,6 +56,8 @@ def _signal_once_logged(workdir, data_dir, extra, step, sig):
     (["--config.train.num_steps=many"], "num_steps"),
     (["--config.train.mesh=(2,1,1)"], "mesh shape"),
     (["--config.optim.frozen=()"], "train.cache_text_states: caching text states needs the text encoder frozen"),
+    (["--config.train.keep_best_metric=dev/global/s2t/R@1"],  # MICRO turns the dev evaluators off
+     "train.keep_best_metric 'dev/global/s2t/R@1' must be '<evaluator>/<metric>' of an enabled evaluator"),
 ])
 def test_bad_config_fails_at_start(tmp_path, data_dir, extra, message):
     result = _run(tmp_path / "run", data_dir, *extra, timeout=120)

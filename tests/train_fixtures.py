@@ -94,8 +94,8 @@ MICRO = [
     "--config.train.init_text=", "--config.optim.frozen=('^text_encoder/(embeddings|encoder)/',)",
     "--config.data.bucket_boundaries_s=(10.5,)", "--config.data.max_audio_seconds_per_batch=21.0",
     "--config.data.text_length_buckets=(32,)", "--config.data.text_fixed_length=32",
-    "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1", "--config.eval.every_steps=1000",
-    "--config.eval.retrieval=False", "--config.eval.zeroshot_gender=False",
+    "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1",
+    "--config.eval.evaluators.dev.every_steps=0", "--config.eval.evaluators.dev_zeroshot.every_steps=0",
 ]
 
 

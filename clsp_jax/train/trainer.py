@@ -36,7 +36,7 @@ from clsp_jax.models.text import TextEncoder
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train import checkpoint
 from clsp_jax.train import state as train_state
-from clsp_jax.train.evaluation import make_evaluator
+from clsp_jax.train.evaluation import check_evaluators, make_evaluator
 from clsp_jax.train.head_init import standardize_audio_head
 from clsp_jax.train.prefetch import Prefetcher
 from clsp_jax.train.step import make_train_step
@@ -95,6 +95,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
             raise ConfigError(f"train.cache_text_states: {e}") from None
     if t.num_steps <= 0:
         raise ConfigError(f"train.num_steps must be positive, got {t.num_steps}")
+    try:
+        check_evaluators(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         optim.make_schedule(optim.resolve_config(config.optim.to_dict()))
     except ValueError as e:
@@ -360,16 +364,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = Prefetcher(data, lambda host: device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
 
     def evaluate_and_save(step: int, final: bool) -> None:
-        """Periodic (or final) evaluation, then a checkpoint when the policy (or `final`) asks for one."""
+        """The evaluators due at `step` (all when `final`), then a checkpoint when the policy, `final` or an
+        evaluation of train.keep_best_metric asks for one."""
         eval_metrics = None
-        if evaluate is not None and (step % config.eval.every_steps == 0 or final) and not preemption.stopping:
+        if evaluate is not None and evaluate.due(step, final) and not preemption.stopping:
             # The step in flight finishes first: its cross-process collectives and the evaluation's must not
             # interleave differently on different processes.
             jax.block_until_ready(state)
-            eval_metrics = evaluate(state["params"], step)
+            eval_metrics = evaluate(state["params"], step, final)
             report.evaluation(step, eval_metrics)
-        if manager.latest_step() != step and saver.save(step, state, batches.state, metrics=eval_metrics,
-                                                        force=final):
+        # Every evaluation of the best-checkpoint metric is saved with it, so the best evaluated state is kept;
+        # other checkpoints carry no metrics (evaluators on other periods do not report that metric).
+        ranked = eval_metrics if eval_metrics and t.get("keep_best_metric") in eval_metrics else None
+        if manager.latest_step() != step and saver.save(step, state, batches.state, metrics=ranked,
+                                                        force=final or ranked is not None):
             report.metrics_log.sync()
 
     step, in_flight = start, None
@@ -492,7 +500,8 @@ class _Progress:
 
     def print_eval(self, step, metrics):
         if jax.process_index() == 0:
-            shown = {k: v for k, v in metrics.items() if k.endswith(("R@1", "mAP@10", "WA"))}
+            shown = {k: v for k, v in metrics.items()
+                     if k.endswith(("R@1", "mAP@10", "WA", "accuracy"))}
             print(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())), flush=True)
 
 
