@@ -349,6 +349,7 @@ def run(args, config) -> dict:
         "mfu_xla": xla / step_s / peak["flops_per_s"],
         "mfu_analytic": count.total_model / devices / step_s / peak["flops_per_s"],
         "memory_per_device": common.memory_stats(compiled),
+        "memory_seen": common.memory_seen(),
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     if rows is not None:
@@ -374,6 +375,7 @@ def report(r: dict) -> None:
     if mem:
         print("memory per device: " + ", ".join(f"{k.replace('_size_in_bytes', '')} {common.gib(v)}"
                                                 for k, v in mem.items()))
+    print("memory seen: " + ", ".join(f"{k} {common.gib(v)}" for k, v in r["memory_seen"].items()))
     if "breakdown" in r:
         step_s = r["step"]["median_s"]
         print(f"\n{'component (median / min s)':30s} {'fwd':>13s} {'fwd+bwd':>13s} {'bwd/fwd':>8s} {'fwd GF/s':>9s} "
