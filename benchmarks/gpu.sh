@@ -15,10 +15,11 @@
 # (default 80): under 8 minutes in all (a dry run only guards against hangs: 900 and 300).
 #
 # On the accelerator image (Python 3.12, jax/jaxlib 0.11.2 with the CUDA 13 plugin, flax, optax,
-# orbax-checkpoint, tensorstore, tokenizers, safetensors, ml-dtypes, absl-py, etils, scipy preinstalled) the
-# benchmarks import nothing more than these and ml-collections (configs and flags); carry its wheel
-# (BENCHMARKS.md, "GPU", lists the wheels and the command that fetches them) and put the repository root on
-# PYTHONPATH instead of pip-installing the project.
+# orbax-checkpoint, tensorstore, tokenizers, safetensors, absl-py, etils, scipy preinstalled, no package
+# index) nothing is pip-installed: this script puts the repository root on PYTHONPATH, and the 12 wheels the
+# benchmarks' imports need beyond the image (grain, array_record, portpicker, tensorflow-datasets and 4 of its
+# dependencies, ml_collections, soundfile, cffi, soxr) travel with the command: BENCHMARKS.md §8 lists them
+# with the commands that fetch and install them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
