@@ -137,6 +137,9 @@ def report_on_fake_devices(script: str, devices: int = 8, timeout: int = 900) ->
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = f" --xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    # On a loaded box the fake devices' threads can reach a collective more than XLA:CPU's default 40 s apart,
+    # and XLA then aborts the process (seen with jax 0.11.2 at load 12 on 2 cores); a hang still ends at `timeout`.
+    flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags + " --xla_llvm_disable_expensive_passes=true").strip()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, os.path.abspath(script)], env=env, capture_output=True, text=True,
