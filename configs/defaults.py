@@ -72,6 +72,12 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             # for a speech tower trained from scratch: clsp_jax.train.head_init).
             audio_head_init_batches=0,
             prefetch_batches=2,  # batches loaded and put on the devices ahead of the step, in a thread
+            # The peak FLOP/s of one device in TFLOP/s, for the MFU in metrics.jsonl and the progress line
+            # (None: measured once at the start, a large matmul in the compute dtype; seconds on a CPU).
+            peak_tflops_per_device=config_dict.placeholder(float),
+            # (first, last): a jax.profiler trace of these steps (numbered as in metrics.jsonl) into
+            # <workdir>/profile, for TensorBoard's profile tab; () = none.
+            profile_steps=(),
             # With several processes, how often they agree on stopping after a SIGTERM to any of them
             # (clsp_jax.distributed.Preemption).
             preemption_check_every_steps=10,

@@ -2,7 +2,7 @@
 
 - XLA:CPU compiles with LLVM at -O0 and without its expensive passes: the suite mostly compiles small
   programs to run them once or twice, which this makes ~35% faster. Child processes inherit the flags, so
-  both sides of every comparison run under them.
+  both sides of every comparison run under them. Collectives of fake devices wait up to 600 s for each other.
 - One persistent XLA cache for the micro trainer runs of the whole session (every xdist worker), so the
   micro config's programs compile once rather than once per test module.
 - Modules that start trainer processes are scheduled first, so that under `-n 2 --dist loadfile` neither
@@ -16,9 +16,12 @@ import os
 import shutil
 import tempfile
 
-_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+_SUITE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+                # On a loaded box the threads of fake devices can reach a collective more than XLA:CPU's default
+                # 40 s apart, and XLA then aborts the process (seen with jax 0.11.2 at load 12 on 2 cores).
+                "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 _flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = " ".join([_flags, *(f for f in _FAST_COMPILE if f.split("=")[0] not in _flags)]).strip()
+os.environ["XLA_FLAGS"] = " ".join([_flags, *(f for f in _SUITE_FLAGS if f.split("=")[0] not in _flags)]).strip()
 
 import pytest  # noqa: E402  (after XLA_FLAGS: no JAX backend may start before it is set)
 from eval_fixtures import cli_runner, saved_tiny_clsp  # noqa: E402

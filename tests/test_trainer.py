@@ -79,18 +79,49 @@ def test_missing_data_dir_and_batch_multiple_fail_with_one_line(tmp_path, data_d
 
 def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):
     """A learning rate of 1e38 overflows the weights after the first update: every later loss is NaN, each
-    update is skipped and counted, and the third in a row stops the run with a message and a checkpoint."""
+    update is skipped and counted, and the third in a row stops the run with a message and a checkpoint.
+
+    The same run carries the speed figures (model TFLOP/s per device from the compiled step's FLOPs, MFU
+    against the given peak of 0.1 TFLOP/s, the audio's padding share: the micro data has clips of varied
+    length in one 10.5 s bucket) and a profile of steps 2-5, cut short at step 3 by the stop: the trace
+    is still written, as one XSpace file TensorBoard's profile plugin reads, holding the step's XLA ops."""
     run = tmp_path / "run"
     result = _run(run, data_dir, "--config.optim.base_lr=1e38", "--config.train.max_nonfinite_streak=2",
-                  "--config.train.num_steps=20", "--config.train.audio_head_init_batches=0")
+                  "--config.train.num_steps=20", "--config.train.audio_head_init_batches=0",
+                  "--config.train.profile_steps=(2,5)")
     assert result.returncode != 0
     assert "consecutive non-finite losses" in result.stderr and "checkpoint saved" in result.stderr, \
         result.stderr[-2000:]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
     assert rows and rows[-1]["nonfinite_streak"] == 3 and rows[-1]["step"] < 20
+    timed = rows[1:]  # the first row has no interval to measure yet
+    for r in timed:
+        assert r["model_tflops_per_device"] > 0
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_device"] / 0.1)
+        assert 0.0 < r["padding_fraction"] < 1.0
+    assert "TFLOP/s/device MFU" in result.stdout and "padding" in result.stdout, result.stdout[-2000:]
+    traces = list((run / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, list((run / "profile").rglob("*"))
+    import jax
+
+    names = {event.name for plane in jax.profiler.ProfileData.from_file(str(traces[0])).planes
+             for line in plane.lines for event in line.events}
+    assert any("train_step" in n or "jit_" in n for n in names), sorted(names)[:50]
     from clsp_jax.train.checkpoint import make_manager
 
     assert make_manager(str(run), read_only=True).latest_step() == rows[-1]["step"] + 1
+
+
+def test_peak_flops_is_the_config_value_or_a_measured_matmul():
+    import jax.numpy as jnp
+    import ml_collections
+
+    from clsp_jax.train.speed import peak_flops_per_device
+
+    assert peak_flops_per_device(ml_collections.ConfigDict({"peak_tflops_per_device": 2.5}), jnp.float32) == 2.5e12
+    measured = peak_flops_per_device(ml_collections.ConfigDict({"peak_tflops_per_device": None}), jnp.float32,
+                                     size=256)
+    assert 1e8 < measured < 1e14  # a 256^2 float32 matmul on a CPU: between 0.1 GFLOP/s and 100 TFLOP/s
 
 
 @pytest.mark.slow  # the default run covers SIGTERM, kill -9 and resume with 2 processes (test_multihost_train.py)
@@ -107,7 +138,8 @@ def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data
     with open(full / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
-    for key in ("learning_rate", "logit_scale", "samples_per_second", "audio_hours_per_second", "data_wait_fraction"):
+    for key in ("learning_rate", "logit_scale", "samples_per_second", "audio_hours_per_second", "data_wait_fraction",
+                "model_tflops_per_device", "mfu", "padding_fraction"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in train_rows)
 
