@@ -16,11 +16,15 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# Two workers, a test module each at a time (module fixtures are built once), the longest modules first
+# (tests/conftest.py orders them; xdist would otherwise reorder by test count).
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(XDIST) tests
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q tests -m "slow or not slow"
+	$(BIN)/python -m pytest -q $(XDIST) tests -m "slow or not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m clsp_jax.demo

@@ -7,7 +7,7 @@ Installs the library (`clsp_jax`) and the programs that write its data (`data_pr
 from setuptools import find_packages, setup
 
 CORE = [
-    "jax>=0.10.0,<0.11",
+    "jax>=0.10.0,<0.12",
     "flax>=0.12.0,<0.13",
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.12.0,<0.13",

@@ -1,18 +1,19 @@
 """Pieces every benchmark shares: config files with `--config.key=value` overrides, the machine's facts,
-wall-clock timing of jitted calls and the device's measured peak matmul FLOP/s."""
+wall-clock timing of jitted calls and the device's measured peak matmul FLOP/s (those two, and XLA's
+FLOP and memory analyses, live in `clsp_jax.perf`, which the trainer uses too)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -72,56 +73,18 @@ def machine() -> dict:
     }
 
 
-def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
-    """Wall seconds of `iters` calls of `fn` (each waited for with block_until_ready) after `warmup` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def summary(times: Sequence[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "times_s": [round(t, 4) for t in times]}
 
 
-def peak_matmul_flops(dtype, size: int, iters: int | None = None) -> dict:
-    """The best of `iters` [size, size] @ [size, size] matmuls in `dtype`: FLOP/s this device reaches now.
-    Default iters: 3 on CPU (seconds each), 20 on accelerators (milliseconds each)."""
-    iters = iters or (3 if jax.devices()[0].platform == "cpu" else 20)
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (size, size), dtype)
-    b = jax.random.normal(key_b, (size, size), dtype)
-    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
-    times = time_calls(lambda: matmul(a, b), warmup=1, iters=iters)
-    return {"size": size, "dtype": jnp.dtype(dtype).name, "flops_per_s": 2.0 * size**3 / min(times),
-            "times_s": [round(t, 4) for t in times]}
-
-
-def default_peak_size() -> int:
-    return 4096 if jax.devices()[0].platform == "cpu" else 8192
-
-
-def memory_stats(compiled) -> dict:
-    """Per-device bytes of a compiled executable (XLA's buffer assignment)."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes", "peak_memory_in_bytes")
-    return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
-
-
-def xla_flops(compiled) -> float:
-    """FLOPs of one call of a compiled executable per device, as XLA's cost analysis counts them."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax returned one dict per executable
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
+def memory_seen() -> dict:
+    """The most memory this process has held so far: the first local device's allocator peak in bytes
+    (accelerators), or, where the device reports none (CPU), the process's peak resident set in bytes."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"device_peak_bytes_in_use": int(stats["peak_bytes_in_use"])}
+    return {"process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
 
 
 def gib(n: float) -> str:

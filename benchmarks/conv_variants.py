@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
+from clsp_jax import perf
 from clsp_jax.features import num_frames
 from clsp_jax.models.zipformer import Conv2dSubsampling, ZipformerConfig, depthwise_conv_general_dilated
 
@@ -117,8 +118,8 @@ def time_variant(fn: Callable, args: Sequence[jax.Array], grad_argnums: Sequence
         return out, vjp(jnp.ones_like(out))
 
     fwd_bwd = jax.jit(fwd_bwd)
-    t_fwd = common.summary(common.time_calls(lambda: fwd(*args), warmup, iters))
-    t_fb = common.summary(common.time_calls(lambda: fwd_bwd(*args), warmup, iters))
+    t_fwd = common.summary(perf.time_calls(lambda: fwd(*args), warmup, iters))
+    t_fb = common.summary(perf.time_calls(lambda: fwd_bwd(*args), warmup, iters))
     out, grads = fwd_bwd(*args)
     return t_fwd, t_fb, out, grads
 

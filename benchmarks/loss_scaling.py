@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from clsp_jax import perf  # noqa: E402
 from clsp_jax import losses, sharding  # noqa: E402
 
 CAPTIONS = 2  # multi_positive: global + fine-grained caption per clip
@@ -72,8 +73,8 @@ def measure(name: str, batch: int, dim: int, mesh, warmup: int, iters: int) -> d
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    times = common.time_calls(lambda: compiled(*args), warmup, iters)
-    mem = common.memory_stats(compiled)
+    times = perf.time_calls(lambda: compiled(*args), warmup, iters)
+    mem = perf.memory_stats(compiled)
     return {"loss": name, "global_batch": batch, "local_batch": batch // _DEVICES, "compile_s": compile_s,
             **common.summary(times), "memory_per_device": mem, "logits_bytes_per_device": logits_bytes(name, batch),
             "gathered_bytes_per_device": gathered_bytes(name, batch, dim)}

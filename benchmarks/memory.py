@@ -51,6 +51,7 @@ def run(args, config) -> dict:
     from flax import nnx
 
     from benchmarks import common
+    from clsp_jax import perf
     from clsp_jax import losses, optim, sharding
     from clsp_jax.models.clsp import CLSPNet
     from clsp_jax.train.state import state_from_params, state_shardings
@@ -118,7 +119,7 @@ def run(args, config) -> dict:
         compiled = step.lower(abstract_state, batch).compile()
         result["compile_s"] = round(time.perf_counter() - start, 1)
         result["batch"] = {"clips": b, "clip_seconds": args.clip_seconds, "captions": captions, "text_length": l}
-        result["step_memory_per_device"] = common.memory_stats(compiled)
+        result["step_memory_per_device"] = perf.memory_stats(compiled)
     report(result)
     common.write_json(args.json, result)
     return result

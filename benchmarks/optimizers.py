@@ -31,6 +31,7 @@ def run(args, config) -> dict:
     from flax import nnx
 
     from benchmarks import common
+    from clsp_jax import perf
     from clsp_jax import optim
     from clsp_jax.train.trainer import new_net, resolve_config
 
@@ -61,7 +62,7 @@ def run(args, config) -> dict:
 
         period = int(config.optim.size_update_period)
         iters = -(-args.iters // period) * period  # whole size-update periods
-        times = common.time_calls(call, warmup=period, iters=iters)
+        times = perf.time_calls(call, warmup=period, iters=iters)
         result["optimizers"][name] = {"compile_s": round(compile_s, 2), **common.summary(times),
                                       "mean_s": float(np.mean(times))}
         print(f"{name}: compile {compile_s:.1f} s, update median {1e3 * np.median(times):.2f} ms, "

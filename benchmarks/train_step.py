@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common, flops
+from clsp_jax import perf
 from clsp_jax import losses, optim, sharding
 from clsp_jax.data import buckets
 from clsp_jax.features import fbank
@@ -135,8 +136,8 @@ def time_component(name: str, module: nnx.Module, prefix: str, call: Callable, i
         start = time.perf_counter()
         compiled = jax.jit(fn).lower(trainable, fixed, *inputs).compile()
         row[f"{label}_compile_s"] = time.perf_counter() - start
-        row[f"{label}_xla_flops"] = common.xla_flops(compiled)
-        row[label] = common.summary(common.time_calls(lambda: compiled(trainable, fixed, *inputs), warmup, iters))
+        row[f"{label}_xla_flops"] = perf.xla_flops(compiled)
+        row[label] = common.summary(perf.time_calls(lambda: compiled(trainable, fixed, *inputs), warmup, iters))
         print(f"  {name:30s} {label:8s} {row[label]['median_s']:8.3f} s  (compile {row[f'{label}_compile_s']:.1f} s)",
               flush=True)
     return row
@@ -177,7 +178,7 @@ def breakdown(net, config, host: dict, shape: dict, args) -> list[dict]:
     start = time.perf_counter()
     feats, feat_lens = jax.block_until_ready(fbank_fn(audio, audio_lens))
     compile_s = time.perf_counter() - start
-    times = common.time_calls(lambda: fbank_fn(audio, audio_lens), warmup, iters)
+    times = perf.time_calls(lambda: fbank_fn(audio, audio_lens), warmup, iters)
     add({"name": "fbank", "fwd": common.summary(times), "fwd_compile_s": compile_s}, counted, "fbank", True)
     print(f"  {'fbank':30s} {'fwd':8s} {rows[-1]['fwd']['median_s']:8.3f} s", flush=True)
 
@@ -284,7 +285,7 @@ def run(args, config) -> dict:
           f"{captions} captions x {text}; objective {config.loss.objective}; dtype {t.compute_dtype}; "
           f"remat {config.model.get('remat', 'none')}", flush=True)
 
-    peak = common.peak_matmul_flops(dtype, args.peak_size or common.default_peak_size())
+    peak = perf.peak_matmul_flops(dtype, args.peak_size or perf.default_peak_size())
     print(f"peak: {peak['size']}^2 {peak['dtype']} matmul {peak['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
 
     start = time.perf_counter()
@@ -315,14 +316,14 @@ def run(args, config) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch)
         return holder["state"], metrics
 
-    times = common.time_calls(one_step, args.warmup, args.steps)
+    times = perf.time_calls(one_step, args.warmup, args.steps)
     step_stats = common.summary(times)
     step_s = step_stats["median_s"]
     loss = float(jax.device_get(one_step()[1]["loss"]))  # one more step: its loss shows the step is real
 
     count = flops.step_flops(config.model.to_dict(), list(config.optim.frozen), **shape)
     devices = jax.device_count()
-    xla = common.xla_flops(compiled)  # per device
+    xla = perf.xla_flops(compiled)  # per device
     analytic_dev = count.total_executed / devices
     result = {
         "benchmark": "train_step",
@@ -350,7 +351,8 @@ def run(args, config) -> dict:
         },
         "mfu_xla": xla / step_s / peak["flops_per_s"],
         "mfu_analytic": count.total_model / devices / step_s / peak["flops_per_s"],
-        "memory_per_device": common.memory_stats(compiled),
+        "memory_per_device": perf.memory_stats(compiled),
+        "memory_seen": common.memory_seen(),
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     if rows is not None:
@@ -376,6 +378,7 @@ def report(r: dict) -> None:
     if mem:
         print("memory per device: " + ", ".join(f"{k.replace('_size_in_bytes', '')} {common.gib(v)}"
                                                 for k, v in mem.items()))
+    print("memory seen: " + ", ".join(f"{k} {common.gib(v)}" for k, v in r["memory_seen"].items()))
     if "breakdown" in r:
         step_s = r["step"]["median_s"]
         print(f"\n{'component (median / min s)':30s} {'fwd':>13s} {'fwd+bwd':>13s} {'bwd/fwd':>8s} {'fwd GF/s':>9s} "

@@ -1,7 +1,8 @@
 """`make demo`: the whole CLSP recipe on a CPU, from nothing, in one command.
 
     synthesise an espeak-ng FCaps corpus -> prepare ArrayRecord splits -> train the tiny CLSP (stage 2,
-    MiniLM text tower) -> evaluate on the held-out test split -> metrics table + PNG plots
+    MiniLM text tower) -> evaluate on the held-out test split (retrieval, zero-shot gender, linear probes of
+    its tags) -> metrics table + PNG plots
 
 Every stage resumes: re-running after an interruption reuses the corpus, the prepared splits and the
 latest checkpoint. Outputs go to --out (default demo_out/).
@@ -67,7 +68,8 @@ def train(data_dir: str, out: str, overrides: dict) -> str:
 
 
 def evaluate(workdir: str, data_dir: str) -> dict:
-    """Retrieval (global and fine-grained, both directions) and zero-shot gender on the test split."""
+    """Retrieval (global and fine-grained, both directions), zero-shot gender and linear probes on the test
+    split."""
     import jax
 
     from clsp_jax.data.pipeline import make_eval_batches
@@ -86,8 +88,22 @@ def evaluate(workdir: str, data_dir: str) -> dict:
     metrics = RetrievalEvaluator(batches).run(*fns)
     gender = {"gender": paper_task("ravdess_gender", gender_labels(data_dir, "test", "fcaps"))}
     metrics.update(ZeroShotEvaluator(batches, gender, model.tokenizer).run(*fns))
+    metrics.update({f"probe/{k}": v for k, v in linear_probe(model, batches, data_dir).items()})
     metrics["step"] = step
     return metrics, model, batches
+
+
+def linear_probe(model, batches, data_dir: str) -> dict:
+    """5-fold linear probes of the test clips' audio embeddings, one per tag the split has (gender, accent,
+    pitch, speaking rate; clsp_jax.evals.probe)."""
+    from clsp_jax.data.fcaps_format import TAG_FIELDS
+    from clsp_jax.evals import model_embed_fns
+    from clsp_jax.evals.probe import PROBE_ATTRIBUTES, LinearProbeEvaluator
+    from clsp_jax.train.evaluation import split_labels
+
+    tags = split_labels(data_dir, "test", "fcaps", TAG_FIELDS)
+    labels = {a: tags[a] for a in PROBE_ATTRIBUTES if a in tags and any(tags[a])}
+    return LinearProbeEvaluator(batches, labels).run(model_embed_fns(model)[0])
 
 
 def table(metrics: dict) -> str:
@@ -101,6 +117,12 @@ def table(metrics: dict) -> str:
                         f"{100 * metrics[p + '/mAP@10']:.1f} | {100 / n:.1f} |")
     rows.append(f"| zero-shot gender | WA / UA | {100 * metrics['gender/WA']:.1f} / {100 * metrics['gender/UA']:.1f} "
                 "| | | | 50.0 |")
+    rows += ["", "| linear probe (5-fold) | accuracy | UA | classes | clips |", "|---|---|---|---|---|"]
+    for attribute in sorted({k.split("/")[1] for k in metrics if k.startswith("probe/")}):
+        p = f"probe/{attribute}"
+        if f"{p}/accuracy" in metrics:
+            rows.append(f"| {attribute} | {100 * metrics[p + '/accuracy']:.1f} | {100 * metrics[p + '/UA']:.1f} | "
+                        f"{metrics[p + '/num_classes']} | {metrics[p + '/num_clips']} |")
     return "\n".join(rows)
 
 

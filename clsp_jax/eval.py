@@ -8,6 +8,9 @@
     python -m clsp_jax.eval --workdir RUN [--step N] [--weights averaged|raw|ema] --task ...
     python -m clsp_jax.eval --check-overlap TRAIN.jsonl.gz [TRAIN2 ...] --manifest EVAL.jsonl.gz \
         [--audio-root AUDIO --train-audio-root TRAIN_AUDIO] [--checkpoint DIR --task ...]
+    python -m clsp_jax.eval --checkpoint DIR --task all --psc PSC_CUTS [AUDIO] --ravdess RAVDESS_CUTS [AUDIO] \
+        --cremad CREMAD_CUTS [AUDIO] --iemocap IEMOCAP_CUTS [AUDIO] [--ratings ratings.csv] \
+        [--check-overlap TRAIN.jsonl.gz ...]
 
 Manifests are Lhotse MonoCut JSONL(.gz) (`python -m data_prep.eval_sets` writes the paper's sets); their audio is
 decoded from the files (relative paths against --audio-root, default the manifest's folder) and
@@ -25,6 +28,11 @@ average of the weights when the run kept one (optim.average_period; the authors 
 else the raw weights; --weights picks. The report says which weights it evaluated ("weights" in results.json,
 a note under the table).
 
+--task all evaluates every set given (each manifest with its audio root, default its folder; --ratings for
+style similarity) and writes one report laid out like the paper's tables, the paper's numbers beside ours
+where our protocol matches (clsp_jax.evals.report: protocols from the cards `data_prep.eval_sets` writes
+beside its manifests; deviations listed); with --check-overlap each set is checked for leakage.
+
 Writes OUT/results.json (metrics, counts, skipped and failed clips) and OUT/results.md (the table, also
 printed); OUT defaults to ./eval_<task>. Audio that is missing or cannot be decoded is skipped, counted
 and listed. Clips longer than --max-audio-seconds (default 30) are embedded as the mean of windows of at
@@ -37,6 +45,7 @@ manifests, ratings and audio are local files.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import logging
@@ -53,13 +62,15 @@ from clsp_jax.data import fcaps_format
 from clsp_jax.data.config import default_config
 from clsp_jax.data.pipeline import make_eval_batches
 from clsp_jax.evals import evaluators, overlap, sources
+from clsp_jax.evals import report as paper_report
 from clsp_jax.evals.prompts import ZERO_SHOT_TASKS
 from clsp_jax.inference import MAX_AUDIO_SECONDS, max_audio_samples
 
-TASKS = ("retrieval", "zeroshot", "similarity")
+TASKS = ("retrieval", "zeroshot", "similarity", "all")
 DATASETS = ("ravdess", "cremad", "iemocap")
 LABEL_FIELDS = ("emotion", "gender", "age_bin")
 RETRIEVAL_KINDS = ("global", "finegrained")
+ALL_SETS = ("psc", "iemocap", "ravdess", "cremad")  # --task all: the report's order
 
 
 def _parser() -> cli.ArgumentParser:
@@ -85,7 +96,10 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--label-field", choices=LABEL_FIELDS, help="zero-shot: only the task of this label")
     p.add_argument("--ensemble", choices=evaluators.ENSEMBLES, default="max",
                    help="zero-shot: best prompt wins (max, the authors') or mean prompt embedding per class")
-    p.add_argument("--ratings", help="similarity: ratings CSV")
+    p.add_argument("--ratings", help="similarity (and all): ratings CSV")
+    for name in DATASETS + ("psc",):
+        p.add_argument(f"--{name}", nargs="+", metavar="MANIFEST [AUDIO_ROOT]",
+                       help=f"all: the {name} set's manifest and audio root (default its folder)")
     p.add_argument("--out", help="output folder (default ./eval_<task>)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS,
@@ -106,10 +120,12 @@ def _existing_file(path: str, what: str) -> Path:
 
 
 def _check_args(args) -> None:
+    if args.task == "all":
+        _check_all_args(args)
     if args.check_overlap:
-        if not args.manifest:
+        if not args.manifest and args.task != "all":
             raise ValueError("--check-overlap needs --manifest (the evaluation set)")
-        for path in [*args.check_overlap, args.manifest]:
+        for path in [*args.check_overlap, *([args.manifest] if args.manifest else [])]:
             _existing_file(path, "--check-overlap" if path != args.manifest else "--manifest")
         if args.train_audio_root and not Path(args.train_audio_root).is_dir():
             raise ValueError(f"--train-audio-root {args.train_audio_root} does not exist")
@@ -133,7 +149,9 @@ def _check_args(args) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     max_audio_samples(args.max_audio_seconds, "--max-audio-seconds")
-    if args.task == "retrieval":
+    if args.task == "all":
+        pass  # _check_all_args
+    elif args.task == "retrieval":
         if bool(args.manifest) == bool(args.data_dir or args.split):
             raise ValueError("retrieval needs either --manifest or --data-dir with --split")
         if args.manifest:
@@ -160,6 +178,23 @@ def _check_args(args) -> None:
         raise ValueError(f"--audio-root {args.audio_root} does not exist")
 
 
+def _check_all_args(args) -> None:
+    given = [n for n in ALL_SETS if getattr(args, n)]
+    if not given and not args.ratings:
+        raise ValueError("--task all needs at least one of --psc, --ravdess, --cremad, --iemocap, --ratings")
+    if args.manifest or args.data_dir or args.dataset or args.label_field:
+        raise ValueError("--task all takes each set as --psc/--ravdess/--cremad/--iemocap MANIFEST [AUDIO_ROOT]")
+    for name in given:
+        paths = getattr(args, name)
+        if len(paths) > 2:
+            raise ValueError(f"--{name} takes a manifest and at most one audio root, got {len(paths)} paths")
+        _existing_file(paths[0], f"--{name}")
+        if len(paths) == 2 and not Path(paths[1]).is_dir():
+            raise ValueError(f"--{name} audio root {paths[1]} does not exist")
+    if args.ratings:
+        _existing_file(args.ratings, "--ratings")
+
+
 def _zero_shot_task_names(dataset: str, label_field: str | None) -> list[str]:
     names = [name for name, (key, _) in ZERO_SHOT_TASKS.items()
              if name.startswith(dataset + "_") and label_field in (None, key)]
@@ -167,12 +202,6 @@ def _zero_shot_task_names(dataset: str, label_field: str | None) -> list[str]:
         raise ValueError(f"{dataset} has no {label_field} task; its labels are "
                          f"{[k for n, (k, _) in ZERO_SHOT_TASKS.items() if n.startswith(dataset + '_')]}")
     return names
-
-
-def _label(record: dict, key: str) -> str | None:
-    sup = record["supervisions"][0]
-    value = (sup.get("custom") or {}).get(key, sup.get(key))
-    return None if value is None else str(value)
 
 
 def _embed_fns(model, max_seconds: float, report: dict) -> tuple[evaluators.EmbedFn, evaluators.EmbedFn]:
@@ -223,7 +252,7 @@ def _evaluate(args, model) -> tuple[dict, dict]:
             tasks = {}
             for name in _zero_shot_task_names(args.dataset, args.label_field):
                 key = ZERO_SHOT_TASKS[name][0]
-                tasks[name] = evaluators.paper_task(name, [_label(r, key) for r in read.records])
+                tasks[name] = evaluators.paper_task(name, [sources.cut_label(r, key) for r in read.records])
             metrics = evaluators.ZeroShotEvaluator(batches, tasks, tokenizer, ensemble=args.ensemble).run(*embed)
     report.update(num_failed=len(batches.failures), failed=batches.failures, truncated=sorted(batches.truncated))
     return metrics, report
@@ -323,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         _check_args(args)
-        overlap_block = _check_overlap(args)
+        overlap_block = _check_overlap(args) if args.task != "all" else None
         if not args.checkpoint and not args.workdir:
             out = epath.Path(args.out or "eval_overlap")
             out.mkdir(parents=True, exist_ok=True)
@@ -340,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         if model.tokenizer is None:
             raise ValueError(f"{'--workdir' if args.workdir else '--checkpoint'} "
                              f"{args.workdir or args.checkpoint} has no tokenizer.json")
+        if args.task == "all":
+            _write_report(args, _evaluate_all(args, model), weights)
+            return 0
         metrics, report = _evaluate(args, model)
         report["overlap"] = overlap_block
         report["weights"] = weights
@@ -350,6 +382,62 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         return cli.usage_error("clsp_jax.eval", e)
     return 0
+
+
+def _card(manifest: str) -> dict | None:
+    """The card data_prep.eval_sets wrote beside `manifest` (<name>_<protocol>_card.json), or None."""
+    path = Path(manifest)
+    stem = path.name.split(".jsonl")[0]
+    card = path.with_name((stem[: -len("_cuts")] if stem.endswith("_cuts") else stem) + "_card.json")
+    return json.loads(card.read_text()) if card.is_file() else None
+
+
+def _evaluate_all(args, model) -> dict:
+    """Every given set evaluated as the paper does -> {set: {"metrics", "card", "deviations", "notes", ...}}."""
+    results = {}
+    runs = [(n, "retrieval" if n == "psc" else "zeroshot", getattr(args, n)) for n in ALL_SETS if getattr(args, n)]
+    if args.ratings:
+        runs.append(("similarity", "similarity", None))
+    for name, task, paths in runs:
+        one = argparse.Namespace(**{**vars(args), "task": task, "manifest": paths and paths[0],
+                                    "audio_root": paths[1] if paths and len(paths) > 1 else None,
+                                    "dataset": name if task == "zeroshot" else None})
+        print(f"== {name} ({task}) ==", flush=True)
+        metrics, found = _evaluate(one, model)
+        entry = {"inputs": {"manifest": one.manifest, "audio_root": one.audio_root} if paths else
+                 {"ratings": args.ratings, "audio_root": args.audio_root},
+                 "metrics": metrics, **found, "card": _card(one.manifest) if paths else None}
+        if task == "zeroshot":
+            entry["ensemble"] = args.ensemble
+        notes = []
+        if paths and args.check_overlap:
+            one.manifest = paths[0]
+            entry["overlap"] = _check_overlap(one)
+            notes.append(overlap.summary_line(entry["overlap"]))
+        else:
+            entry["overlap"] = {"checked": False}
+            notes.append("leakage check not run (--check-overlap TRAIN_MANIFESTS)" if paths else
+                         "leakage check: not applicable to a ratings CSV")
+        if entry["card"]:
+            notes.append(f"card: protocol {entry['card']['protocol']}, {entry['card']['num_cuts']} cuts, "
+                         f"cut_list_sha256 {entry['card']['cut_list_sha256'][:12]}")
+        entry["deviations"], entry["notes"] = paper_report.deviations(entry), notes
+        results[name] = entry
+    return results
+
+
+def _write_report(args, sets: dict, weights: dict) -> None:
+    """OUT/results.json and OUT/results.md of --task all (with which weights were evaluated); prints the
+    tables."""
+    out = epath.Path(args.out or "eval_all")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"task": "all", "checkpoint": weights["path"], "weights": weights, "paper": paper_report.PAPER,
+               "sets": sets}
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    table = paper_report.markdown(sets)
+    (out / "results.md").write_text(table)
+    print(table, end="")
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 
 def _write_results(args, metrics: dict, report: dict) -> None:

@@ -16,6 +16,7 @@ repeatedly, as Kaldi's extractor does; Lhotse reads past its buffer there.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,9 @@ FRAME_SHIFT_S = 0.010
 PREEMPH_COEFF = 0.97
 # Lhotse floors mel energies at torch.finfo(torch.float32).eps before the log.
 ENERGY_FLOOR = float(np.finfo(np.float32).eps)
+# Lhotse's LOG_EPSILON, ln(1e-10): the value its collation pads a batch's feature matrices with, so the value
+# the authors' speech tower (whose first convolutions see padded frames) gets past each clip's end.
+LOG_EPSILON = math.log(1e-10)
 
 
 def _window_and_shift(sample_rate: int) -> tuple[int, int]:
@@ -124,7 +128,7 @@ def _fbank(waveforms, wave_lens, *, num_mel_bins, sample_rate, low_freq, high_fr
     feats = jnp.log(jnp.maximum(mel, ENERGY_FLOOR))
 
     valid = jnp.arange(frames_out)[None, :] < feat_lens[:, None]
-    return jnp.where(valid[..., None], feats, 0.0), feat_lens
+    return jnp.where(valid[..., None], feats, LOG_EPSILON), feat_lens
 
 
 def fbank(
@@ -146,7 +150,7 @@ def fbank(
 
     Returns:
       feats [B, T, num_mel_bins] float32 natural-log mel energies, T = num_frames(N); frames at and past
-      feat_lens are zero. feat_lens [B] int32 = num_frames(wave_lens).
+      feat_lens hold LOG_EPSILON (ln 1e-10), as Lhotse pads a batch. feat_lens [B] int32 = num_frames(wave_lens).
 
     Jittable; under jit the length bounds cannot be checked and lengths are clipped to [0, N].
     """

@@ -2,7 +2,7 @@
 
 Sections: model (the network), data (clsp_jax.data.config keys + data_dir, tokenizer), optim
 (clsp_jax.optim_config keys), loss (the objective and its weights), train (the loop: mesh, steps, logging,
-checkpoints, init), eval (evaluators run on the dev split during training).
+checkpoints, init), eval (the named evaluators run during training).
 
 Loading a config imports no jax, grain or TFDS (tests/test_layers.py checks it).
 """
@@ -57,7 +57,9 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             checkpoint_every_steps=1000,
             checkpoint_every_minutes=30.0,
             keep_checkpoints=3,
-            keep_best_metric=config_dict.placeholder(str),  # e.g. "dev/global/s2t/R@1": also keep the best
+            # "<evaluator>/<metric>" (e.g. "dev/global/s2t/R@1"): also keep the best checkpoint by it (a checkpoint is
+            # saved at each of that evaluator's evaluations)
+            keep_best_metric=config_dict.placeholder(str),
             # Train from step 0 in a work dir whose checkpoints were all set aside as unusable (otherwise the
             # run stops rather than start over beside them; clsp_jax.train.checkpoint).
             start_fresh=False,
@@ -70,6 +72,12 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             # for a speech tower trained from scratch: clsp_jax.train.head_init).
             audio_head_init_batches=0,
             prefetch_batches=2,  # batches loaded and put on the devices ahead of the step, in a thread
+            # The peak FLOP/s of one device in TFLOP/s, for the MFU in metrics.jsonl and the progress line
+            # (None: measured once at the start, a large matmul in the compute dtype; seconds on a CPU).
+            peak_tflops_per_device=config_dict.placeholder(float),
+            # (first, last): a jax.profiler trace of these steps (numbered as in metrics.jsonl) into
+            # <workdir>/profile, for TensorBoard's profile tab; () = none.
+            profile_steps=(),
             # With several processes, how often they agree on stopping after a SIGTERM to any of them
             # (clsp_jax.distributed.Preemption).
             preemption_check_every_steps=10,
@@ -79,12 +87,18 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
         )
     )
 
+    # Named evaluators, each on its own period (every_steps; 0 = off) and at the last step; metrics land as
+    # "<name>/<metric>". Kinds and their keys: clsp_jax.train.evaluation (retrieval, zeroshot, similarity,
+    # linear_probe), on a prepared split of data.data_dir or a manifest.
     config.eval = ml_collections.ConfigDict(
         dict(
-            every_steps=1000,
-            split="dev",
-            retrieval=True,
-            zeroshot_gender=True,  # zero-shot gender on the dev split's gender tags
+            evaluators=dict(
+                dev=dict(kind="retrieval", every_steps=1000, split="dev"),
+                # the paper's gender prompts on the dev split's gender tags
+                dev_zeroshot=dict(kind="zeroshot", every_steps=1000, split="dev", tasks=("gender",)),
+                # linear probes of every tag the dev split has (off: --config.eval.evaluators.dev_probe.every_steps=N)
+                dev_probe=dict(kind="linear_probe", every_steps=0, split="dev", folds=5, l2=1e-2),
+            ),
         )
     )
     return config

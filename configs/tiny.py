@@ -77,7 +77,8 @@ def get_config():
     config.train.compute_dtype = "float32"
     config.train.log_every_steps = 10
     config.train.checkpoint_every_steps = 100
-    config.eval.every_steps = 200
+    config.eval.evaluators.dev.every_steps = 200
+    config.eval.evaluators.dev_zeroshot.every_steps = 200
     config.optim.base_lr = 2e-3
     config.optim.warmup_steps = 20
     config.optim.total_steps = config.train.get_ref("num_steps")  # follows --config.train.num_steps

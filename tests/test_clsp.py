@@ -102,6 +102,22 @@ def test_torch_names_round_trip():
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
+def test_heads_start_as_pytorch_linear_layers():
+    """Every head layer (projections and transforms) draws kernel and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    PyTorch nn.Linear's default init, not flax's lecun-normal."""
+    from clsp_jax.models.clsp import Transform, projection
+
+    kw = dict(rngs=nnx.Rngs(0), dtype=jax.numpy.float32, param_dtype=jax.numpy.float32)
+    head, transform = projection(400, 256, **kw), Transform(256, 0.1, **kw)
+    layers = [(head["0"], 400), (head["2"], 256), (transform.sequential["0"], 256), (transform.sequential["3"], 256)]
+    for layer, fan_in in layers:
+        bound = 1 / np.sqrt(fan_in)
+        for values in (np.asarray(layer.kernel[...]).ravel(), np.asarray(layer.bias[...])):
+            assert np.abs(values).max() <= bound and np.abs(values).max() > 0.97 * bound  # fills the interval
+            np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.1)  # uniform, not normal
+            assert abs(values.mean()) < 0.1 * bound
+
+
 def test_a_net_without_logit_bias_has_the_authors_parameters():
     """No `logit_bias_init`: no logit_bias parameter, so the torch export keeps the authors' names exactly (their
     network loads it with strict=True)."""

@@ -22,6 +22,34 @@ def test_batch_sizes_fill_the_audio_budget_in_multiples_of_the_data_parallel_siz
 def test_assign_buckets_uses_the_smallest_bucket_that_holds_the_clip():
     ids = buckets.assign_buckets(np.array([1, 100, 101, 200, 201]), np.array([100, 200]))
     np.testing.assert_array_equal(ids, [0, 0, 1, 1, -1])
+    ids = buckets.assign_buckets(np.array([1, 99, 100, 201]), np.array([100, 200]), min_samples=100)
+    np.testing.assert_array_equal(ids, [-1, -1, 0, -1])
+    ds = buckets.BatchPlanDataset(np.array([50, 150, 150, 300, 500]), source=0, lengths=np.array([200, 400]),
+                                  batch_sizes=[2, 1], seed=0, num_epochs=1,
+                                  shard=grain.sharding.ShardOptions(0, 1), min_samples=100)
+    assert (ds.num_too_short, ds.num_too_long, ds.batches_per_epoch) == (1, 1, 2)
+
+
+def test_duration_bins_hold_equal_audio_as_lhotse_estimates_them():
+    # Hand-worked: 10 clips of 1 s and 2 of 5 s (20 s in all), 2 bins of 10 s each: after the ten 1 s clips
+    # the first bin holds 10 s, not more, so the first 5 s clip joins it and the second opens bin 2: edge 5 s.
+    durations = np.array([5.0, 1.0] + [1.0] * 9 + [5.0])
+    assert buckets.estimate_duration_bins(durations, 2, 30.0) == (5.0, 30.0)
+    # Lhotse's loop on 4-30 s clips, edges rounded up to 10 ms; the last boundary is the longest clip kept.
+    rng = np.random.default_rng(0)
+    durations = rng.uniform(4.0, 30.0, 5000)
+    edges = []
+    total, per_bin = 0.0, np.sort(durations).sum() / 30
+    for d in np.sort(durations):
+        if total > per_bin:
+            edges.append(d)
+            total = 0.0
+        total += d
+    got = buckets.estimate_duration_bins(np.append(durations, 31.0), 30, 30.0)
+    assert len(got) == 30 and got[-1] == 30.0
+    np.testing.assert_allclose(got[:-1], np.ceil(np.array(edges) * 100) / 100, atol=1e-9)
+    with pytest.raises(ValueError, match="no clip"):
+        buckets.estimate_duration_bins(np.array([40.0]), 3, 30.0)
 
 
 def _greedy_reference(bucket_ids, batch_sizes, rng):

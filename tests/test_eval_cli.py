@@ -117,6 +117,8 @@ def test_similarity_on_audio_pairs(run, checkpoint, tmp_path):
     (["--task", "similarity", "--ratings", "M", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--workdir", "run", "--task", "similarity", "--ratings", "M"], "--checkpoint and --workdir exclude each other"),
     (["--task", "similarity", "--ratings", "M", "--weights", "raw"], "--step and --weights go with --workdir"),
+    (["--task", "all"], "--task all needs at least one of --psc, --ravdess, --cremad, --iemocap, --ratings"),
+    (["--task", "all", "--ravdess", "M", "a", "b"], "--ravdess takes a manifest and at most one audio root"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "ckpt").mkdir()
@@ -231,3 +233,38 @@ def test_check_overlap_alone(tmp_path, capsys):
     assert "overlap with training data: 1 of 2 eval cuts share" in capsys.readouterr().out
     assert cli.main(["--check-overlap", str(train)]) == 2
     assert capsys.readouterr().err.strip() == "clsp_jax.eval: error: --check-overlap needs --manifest (the evaluation set)"
+
+
+def test_task_all_report_with_cards_deviations_and_overlap(run, tmp_path):
+    """`--task all` on a RAVDESS set built by the paper's protocol (X-ARES folds layout, 8 clips) and a PSC set
+    built from one manifest (not the paper's protocol), with the leakage check against the PSC manifest itself:
+    RAVDESS rows carry the paper's numbers where it reports them (gender WA 100.0, emotion WA 46.8; no emotion
+    UA in the paper: empty), PSC rows are not comparable (n/c) for its protocol and for its overlap, the sets
+    not given say "not run", and the JSON holds each set's metrics, card and deviations."""
+    words = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
+    root = tmp_path / "ravdess"
+    for k, word in enumerate(words):
+        stem = f"03-01-{k + 1:02d}-01-01-01-{k + 1:02d}"
+        ff.write_audio(root / f"fold_{k % 4}" / f"{stem}.wav", ff.tone(1.2, seed=k))
+        (root / f"fold_{k % 4}" / f"{stem}.json").write_text(json.dumps({"emotion": word}))
+    ravdess, _ = eval_sets.build("ravdess", root, tmp_path / "sets")
+    corpus, audio_root, _ = ff.make_corpus(tmp_path / "src", 6, min_s=1.2, max_s=1.9, seed=3)
+    psc, _ = eval_sets.build("psc", corpus, tmp_path / "sets", protocol="manifest")
+    rc, out, err = run("--task", "all", "--ravdess", str(ravdess), str(root), "--psc", str(psc), str(audio_root),
+                       "--check-overlap", str(corpus), "--out", str(tmp_path / "res"), "--batch-size", "8")
+    assert rc == 0, err
+    results, table = read_results(tmp_path / "res")
+    sets = results["sets"]
+    assert list(sets) == ["psc", "ravdess"]
+    assert sets["ravdess"]["deviations"] == [] and sets["ravdess"]["card"]["protocol"] == "folds"
+    assert sets["ravdess"]["metrics"]["ravdess_gender/num_clips"] == 8 and sets["ravdess"]["overlap"]["clean"]
+    assert [d.split(":")[0] for d in sets["psc"]["deviations"]] == [
+        "protocol 'manifest', not the paper's", "6 of 6 cuts overlap the training data (leakage check)"]
+    m = sets["ravdess"]["metrics"]
+    wa, ua, gender = (f"{100 * m[k]:.1f}" for k in ("ravdess_emotion/WA", "ravdess_emotion/UA", "ravdess_gender/WA"))
+    assert f"| RAVDESS emotion (8) | {wa} | 46.8 | {ua} |  | as the paper |" in table
+    assert f"| RAVDESS gender | {gender} | 100.0 |" in table
+    r1 = f"{100 * sets['psc']['metrics']['global/s2t/R@1']:.1f}"
+    assert f"| global captions | {r1} | n/c |" in table and "| IEMOCAP emotion (4) |" in table
+    assert "|  |  |  |  | not run |" in table and table in out
+    assert "- ravdess: overlap with training data: none" in table and "- psc: differs: protocol 'manifest'" in table

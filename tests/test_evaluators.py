@@ -4,6 +4,7 @@ embeddings computed directly from the audio files."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -246,3 +247,78 @@ def test_tiny_clsp_on_a_tfds_split_matches_direct_embeddings(model, tmp_path):
     np.testing.assert_allclose(audio_fn(batch), fns[0](batch), atol=2e-5)
     tokens = {k: batch[k][:8] for k in ("input_ids", "attention_mask")}
     np.testing.assert_allclose(text_fn(tokens), fns[1](tokens), atol=2e-5)
+
+
+def _config(evaluators: dict, **train):
+    """configs/tiny.py with `evaluators` as config.eval.evaluators and `train` overrides."""
+    import ml_collections
+
+    from configs.tiny import get_config
+
+    config = get_config()
+    config.eval.evaluators = ml_collections.ConfigDict(evaluators)
+    config.train.update(train)
+    return config
+
+
+@pytest.mark.parametrize("spec,message", [
+    (dict(kind="nearest", every_steps=1, split="dev"), "kind 'nearest': choose from"),
+    (dict(kind="retrieval", every_steps=1, split="dev", tasks=("gender",)), "retrieval takes no ['tasks']"),
+    (dict(kind="zeroshot", every_steps=1, split="dev"), "zeroshot needs tasks"),
+    (dict(kind="linear_probe", every_steps=1), "needs split or manifest"),
+    (dict(kind="retrieval", every_steps=-1, split="dev"), "every_steps must be an integer >= 0"),
+    (dict(kind="similarity", every_steps=1, ratings="/nowhere.csv"), "ratings: /nowhere.csv is not a file"),
+])
+def test_evaluator_specs_are_checked(spec, message):
+    from clsp_jax.train.evaluation import check_evaluators
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_evaluators(_config({"x": spec}))
+
+
+def test_best_metric_must_come_from_an_enabled_evaluator():
+    from clsp_jax.train.evaluation import check_evaluators
+
+    specs = {"a": dict(kind="retrieval", every_steps=2, split="dev"), "b": dict(kind="retrieval", every_steps=0,
+                                                                                 split="dev")}
+    check_evaluators(_config(specs, keep_best_metric="a/global/s2t/R@1"))
+    with pytest.raises(ValueError, match=r"'b/global/s2t/R@1' must be '<evaluator>/<metric>' of an enabled "
+                                         r"evaluator \(a\)"):
+        check_evaluators(_config(specs, keep_best_metric="b/global/s2t/R@1"))
+
+
+def test_evaluators_from_config_on_a_manifest_run_on_their_own_periods(corpus, tokenizer):
+    """Three kinds built from config specs on a manifest, with oracle embeddings: each runs at the multiples
+    of its period and at the last step, its metrics under its name. Clip i's audio is e_(i mod 2) (gender:
+    the fixture alternates female, male), so zero-shot gender and the gender probe are exact."""
+    from clsp_jax.train.evaluation import Context, Evaluation, KINDS
+
+    manifest, audio_root, _ = corpus
+    config = _config({
+        "ret": dict(kind="retrieval", every_steps=2, manifest=str(manifest), audio_root=str(audio_root)),
+        "zs": dict(kind="zeroshot", every_steps=3, manifest=str(manifest), tasks=("gender",),
+                   audio_root=str(audio_root)),
+        "probe": dict(kind="linear_probe", every_steps=5, manifest=str(manifest), audio_root=str(audio_root),
+                      folds=2),
+    })
+    config.data.eval_batch_size = 4
+    ctx = Context(config, tokenizer, 0, 1)
+    built = {n: (s.every_steps, KINDS[s.kind].build(s, ctx)) for n, s in config.eval.evaluators.items()}
+    gender = {i: one_hot(i % 2) for i in range(10)}
+    prompts = TextOracle(tokenizer, {"A female speaker.": one_hot(0), "A male speaker.": one_hot(1)})
+
+    class Embedder:
+        def fns(self, params):
+            return audio_oracle(gender), prompts
+
+    evaluation = Evaluation(built, Embedder())
+    ran = {step: {k.split("/")[0] for k in evaluation(None, step, step == 6)}
+           for step in range(1, 7) if evaluation.due(step, step == 6)}
+    assert ran == {2: {"ret"}, 3: {"zs"}, 4: {"ret"}, 5: {"probe"}, 6: {"ret", "zs", "probe"}}
+    metrics = evaluation(None, 6, True)
+    assert metrics["zs/gender/WA"] == 1.0 and metrics["zs/gender/num_clips"] == 10
+    assert metrics["probe/gender/accuracy"] == 1.0
+    # The fixture's tags: probes for each attribute with labels (no emotion or age in these cuts).
+    assert {k.split("/")[1] for k in metrics if k.startswith("probe/")} == {"gender", "accent", "pitch",
+                                                                             "speaking_rate"}
+    assert metrics["ret/global/num_clips"] == 9

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from etils import epath
 from gcs_emulator import event_steps
+from train_fixtures import fake_devices_env
 
 from clsp_jax import storage
 
@@ -95,8 +96,7 @@ def test_orbax_child_process_save_restores_here(gcs, gcs_path):
     from jax.sharding import SingleDeviceSharding
 
     directory = gcs_path / "checkpoints"
-    env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = fake_devices_env(4, {**os.environ, **gcs.env})
     proc = subprocess.run([sys.executable, "-c", _CHILD_SAVE, os.fspath(directory)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -88,7 +88,7 @@ def test_the_network_losses_and_sharding_do_not_import_the_trainer(path):
 
 
 def test_loading_a_config_imports_no_jax_grain_or_tfds():
-    code = ("import configs.tiny, configs.clsp_base, configs.defaults; import sys; "
+    code = ("import configs.tiny, configs.clsp_base, configs.clsp_stage3, configs.defaults; import sys; "
             "heavy = sorted(m for m in sys.modules if m == 'jax' or "
             "m.startswith(('jax.', 'grain', 'tensorflow_datasets', 'flax', 'optax'))); assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -5,11 +5,9 @@ a script prints a JSON report); the pytest side only reads the report and assert
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from train_fixtures import report_on_fake_devices
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]  # over (data, fsdp, tensor); the batch is split over data x fsdp
 CASES = ["infonce", "multi_positive", "multi_positive_mask_weights", "hard_negative", "sigmoid"]
@@ -113,15 +111,7 @@ def _report() -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return report_on_fake_devices(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("case", CASES)

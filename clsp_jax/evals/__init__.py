@@ -1,5 +1,6 @@
-"""Evaluation: the paper's metrics (metrics), evaluators for training and the CLI (evaluators), and eval
-inputs read from manifests, audio files and ratings CSVs (sources)."""
+"""Evaluation: the paper's metrics (metrics), evaluators for training and the CLI (evaluators; the linear
+probe in probe), eval inputs read from manifests, audio files and ratings CSVs (sources), and the report laid
+out like the paper's tables (report)."""
 
 from clsp_jax.evals.evaluators import (
     NetEmbedder,

@@ -183,6 +183,13 @@ def read_manifest(path: str | Path, audio_root: str | Path, kinds: Sequence[str]
     return result
 
 
+def cut_label(record: dict, key: str) -> str | None:
+    """A label of a manifest cut: ``supervisions[0].custom[key]``, else ``supervisions[0][key]`` (None if absent)."""
+    sup = record["supervisions"][0]
+    value = (sup.get("custom") or {}).get(key, sup.get(key))
+    return None if value is None else str(value)
+
+
 def load_audio_file(path: str | Path) -> np.ndarray:
     """A whole audio file, channels averaged, at 16 kHz: float32 [n]; raises ClipRejected."""
     path = Path(path)

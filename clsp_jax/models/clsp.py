@@ -53,7 +53,15 @@ def model_config(config: Mapping) -> dict:
 
 
 def _linear(din, dout, dtype, param_dtype, rngs):
-    return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    """nnx.Linear [din -> dout] initialised as PyTorch's nn.Linear, so a new head starts as the authors' does:
+    kernel and bias ~ U(-1/sqrt(din), 1/sqrt(din)) (the bound of its kaiming_uniform_(a=sqrt(5)) kernel)."""
+    bound = 1.0 / math.sqrt(din)
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Linear(din, dout, kernel_init=uniform, bias_init=uniform, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
 
 
 class Transform(nnx.Module):

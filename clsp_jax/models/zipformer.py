@@ -475,7 +475,8 @@ class Conv2dSubsampling(nnx.Module):
 
     Three 3x3 convs (time x freq; the second strides 2 in both, the third 2 in freq) with SwooshR, one
     ConvNeXt block, a Linear over (channel, freq) and BiasNorm. Like the reference, padded input frames are
-    not masked here (the convs see whatever the padding holds; fbank padding is zeros).
+    not masked here (the convs see whatever the padding holds: `clsp_jax.features.fbank` pads with Lhotse's
+    LOG_EPSILON, as the authors' batches are padded).
     """
 
     def __init__(

@@ -36,9 +36,10 @@ from clsp_jax.models.text import TextEncoder
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train import checkpoint
 from clsp_jax.train import state as train_state
-from clsp_jax.train.evaluation import make_evaluator
+from clsp_jax.train.evaluation import check_evaluators, make_evaluator
 from clsp_jax.train.head_init import standardize_audio_head
 from clsp_jax.train.prefetch import Prefetcher
+from clsp_jax.train.speed import StepFlops, StepProfiler, peak_flops_per_device, profile_range
 from clsp_jax.train.step import make_train_step
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states, check_cacheable
 
@@ -63,6 +64,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         raise ConfigError(f"loss.objective: {e}") from None
     if t.compute_dtype not in DTYPES:
         raise ConfigError(f"train.compute_dtype {t.compute_dtype!r}: choose from {sorted(DTYPES)}")
+    if d.duration_bins is not None and not d.duration_bins >= 1:
+        raise ConfigError(f"data.duration_bins must be None or >= 1, got {d.duration_bins!r}")
+    if not 0.0 <= d.min_audio_seconds < d.bucket_boundaries_s[-1]:
+        raise ConfigError(f"data.min_audio_seconds must lie in [0, {d.bucket_boundaries_s[-1]}) (the last bucket "
+                          f"boundary), got {d.min_audio_seconds!r}")
     if not d.data_dir or not epath.Path(d.data_dir).is_dir():
         raise ConfigError(f"data.data_dir {d.data_dir!r} is not a directory (prepare it with data_prep.prepare)")
     if not d.tokenizer or not epath.Path(d.tokenizer).is_file():
@@ -90,6 +96,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
             raise ConfigError(f"train.cache_text_states: {e}") from None
     if t.num_steps <= 0:
         raise ConfigError(f"train.num_steps must be positive, got {t.num_steps}")
+    try:
+        check_evaluators(config)
+        profile_range(t.profile_steps)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     try:
         optim.make_schedule(optim.resolve_config(config.optim.to_dict()))
     except ValueError as e:
@@ -204,7 +215,8 @@ def _text_cache(config, text_graphdef, text_params, tokenizer: CaptionTokenizer)
 # decides which clips each step sees (sources, stage, buckets, batch layout, seeds). Others (steps, logging,
 # evaluation, the learning-rate schedule, the data dir's location) may change on resume.
 FIXED_ON_RESUME = ("model.", "loss.", "data.sources", "data.stage", "data.seed", "data.sample_rate",
-                   "data.bucket_boundaries_s", "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
+                   "data.bucket_boundaries_s", "data.duration_bins", "data.min_audio_seconds",
+                   "data.max_audio_seconds_per_batch", "data.batch_size_multiple",
                    "data.stage1_caption_pool", "data.text_fixed_length", "data.text_length_buckets", "train.seed",
                    # On or off changes the train state's tree (no checkpoint would restore), and a new period
                    # would mix snapshot spacings in one running mean.
@@ -352,23 +364,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     distributed.log_preflight(mesh, workdir, f"{config.data.max_audio_seconds_per_batch / data_parallel:g} s of "
                               f"padded audio per device and step")
-    report = _Reporter(MetricsLog(workdir, start), _Progress(t.num_steps), t)
+    peak_flops = peak_flops_per_device(t, DTYPES[t.compute_dtype])
+    report = _Reporter(MetricsLog(workdir, start), _Progress(t.num_steps, peak_flops), t)
+    step_flops, profiler = StepFlops(step_fn), StepProfiler(t.profile_steps, workdir)
     preemption = distributed.Preemption(t.preemption_check_every_steps)
     saver = checkpoint.Saver(manager, workdir)
     # Batches are loaded and put on the devices in a thread while the step runs (clsp_jax.train.prefetch).
     batches = Prefetcher(data, lambda host: device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
 
     def evaluate_and_save(step: int, final: bool) -> None:
-        """Periodic (or final) evaluation, then a checkpoint when the policy (or `final`) asks for one."""
+        """The evaluators due at `step` (all when `final`), then a checkpoint when the policy, `final` or an
+        evaluation of train.keep_best_metric asks for one."""
         eval_metrics = None
-        if evaluate is not None and (step % config.eval.every_steps == 0 or final) and not preemption.stopping:
+        if evaluate is not None and evaluate.due(step, final) and not preemption.stopping:
             # The step in flight finishes first: its cross-process collectives and the evaluation's must not
             # interleave differently on different processes.
             jax.block_until_ready(state)
-            eval_metrics = evaluate(state["params"], step)
+            eval_metrics = evaluate(state["params"], step, final)
             report.evaluation(step, eval_metrics)
-        if manager.latest_step() != step and saver.save(step, state, batches.state, metrics=eval_metrics,
-                                                        force=final):
+        # Every evaluation of the best-checkpoint metric is saved with it, so the best evaluated state is kept;
+        # other checkpoints carry no metrics (evaluators on other periods do not report that metric).
+        ranked = eval_metrics if eval_metrics and t.get("keep_best_metric") in eval_metrics else None
+        if manager.latest_step() != step and saver.save(step, state, batches.state, metrics=ranked,
+                                                        force=final or ranked is not None):
             report.metrics_log.sync()
 
     step, in_flight = start, None
@@ -377,10 +395,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             waited = time.perf_counter()
             host, batch = next(batches)
             waited = time.perf_counter() - waited  # > 0 only when the input pipeline is behind the step
+            flops = step_flops(state, batch)
+            profiler.before(step + 1)
             state, metrics = step_fn(state, batch)
+            profiler.after(step + 1, metrics)
             done, in_flight = in_flight, _InFlight(step, metrics, len(host["audio_lens"]) * jax.process_count(),
                                                    float(np.sum(host["audio_lens"])) / config.data.sample_rate
-                                                   * jax.process_count(), waited)
+                                                   * jax.process_count(), waited,
+                                                   host["audio"].size / config.data.sample_rate * jax.process_count(),
+                                                   flops)
             step += 1  # = state["step"], so a checkpoint saved from here on is labelled with its own step
             if done is not None:
                 report.train_step(done)
@@ -400,6 +423,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{'checkpoint saved' if saved else 'the checkpoint failed, see above'}). "
                          "Lower the learning rate or check the data.") from None
     finally:
+        profiler.close()
         batches.close()
         final_saved = saver.wait()
         manager.close()
@@ -422,6 +446,8 @@ class _InFlight:
     clips: int  # clips in the global batch
     audio_seconds: float  # real (unpadded) audio in the global batch
     data_wait: float  # seconds the loop waited for this batch
+    padded_audio_seconds: float  # the global batch's audio array, padding included
+    flops: float  # per device, XLA's count for the compiled step
 
 
 class _Reporter:
@@ -435,7 +461,7 @@ class _Reporter:
 
     def train_step(self, done: _InFlight) -> None:
         metrics = jax.device_get(done.metrics)
-        self.progress.update(done.clips, done.audio_seconds, done.data_wait)
+        self.progress.update(done.clips, done.audio_seconds, done.data_wait, done.padded_audio_seconds, done.flops)
         step = done.step + 1
         if step % self.t.log_every_steps == 0 or step == self.t.num_steps or metrics["nonfinite_streak"]:
             self.last = {**{k: float(v) for k, v in metrics.items()}, **self.progress.rates()}
@@ -456,14 +482,15 @@ class _Reporter:
 
 
 class _Progress:
-    """steps/s, clips/s, audio-hours/s, the share of time spent waiting for data, and ETA, over a sliding
-    window of steps."""
+    """steps/s, clips/s, audio-hours/s, the share of time spent waiting for data, model TFLOP/s per device and
+    MFU (against `peak_flops` per device), the padding share of the audio, and ETA, over a sliding window of
+    steps."""
 
-    def __init__(self, total: int):
-        self.total, self.window = total, []
+    def __init__(self, total: int, peak_flops: float):
+        self.total, self.peak_flops, self.window = total, peak_flops, []
 
-    def update(self, clips, audio_s, waited):
-        self.window = (self.window + [(time.time(), clips, audio_s, waited)])[-20:]
+    def update(self, clips, audio_s, waited, padded_audio_s, flops):
+        self.window = (self.window + [(time.time(), clips, audio_s, waited, padded_audio_s, flops)])[-20:]
 
     def restart_window(self):
         self.window = []
@@ -471,12 +498,13 @@ class _Progress:
     def rates(self) -> dict:
         if len(self.window) < 2:
             return {"steps_per_second": 0.0, "samples_per_second": 0.0, "audio_hours_per_second": 0.0,
-                    "data_wait_fraction": 0.0}
+                    "data_wait_fraction": 0.0, "model_tflops_per_device": 0.0, "mfu": 0.0, "padding_fraction": 0.0}
         dt = self.window[-1][0] - self.window[0][0]
         n = len(self.window) - 1
-        clips, audio, waited = (sum(row[i] for row in self.window[1:]) for i in (1, 2, 3))
+        clips, audio, waited, padded, flops = (sum(row[i] for row in self.window[1:]) for i in (1, 2, 3, 4, 5))
         return {"steps_per_second": n / dt, "samples_per_second": clips / dt, "audio_hours_per_second": audio / dt / 3600,
-                "data_wait_fraction": waited / dt}
+                "data_wait_fraction": waited / dt, "model_tflops_per_device": flops / dt / 1e12,
+                "mfu": flops / dt / self.peak_flops, "padding_fraction": 1.0 - audio / padded}
 
     def print(self, step, metrics):
         if jax.process_index() != 0:
@@ -486,12 +514,15 @@ class _Progress:
         print(f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.2e} "
               f"scale {metrics['logit_scale']:.2f} | {sps:.2f} steps/s {metrics['samples_per_second']:.1f} clips/s "
               f"{metrics['audio_hours_per_second'] * 3600:.0f} audio-s/s "
-              f"data wait {100 * metrics['data_wait_fraction']:.0f}% | ETA {_hms(eta)}", flush=True)
+              f"data wait {100 * metrics['data_wait_fraction']:.0f}% padding {100 * metrics['padding_fraction']:.0f}% "
+              f"| {metrics['model_tflops_per_device']:.3g} TFLOP/s/device MFU {100 * metrics['mfu']:.1f}% "
+              f"| ETA {_hms(eta)}", flush=True)
 
 
     def print_eval(self, step, metrics):
         if jax.process_index() == 0:
-            shown = {k: v for k, v in metrics.items() if k.endswith(("R@1", "mAP@10", "WA"))}
+            shown = {k: v for k, v in metrics.items()
+                     if k.endswith(("R@1", "mAP@10", "WA", "accuracy"))}
             print(f"eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())), flush=True)
 
 

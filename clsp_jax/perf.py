@@ -1,0 +1,60 @@
+"""Speed measurements the trainer and the benchmarks share: wall-clock timing of jitted calls, the device's
+measured peak matmul FLOP/s, and XLA's FLOP and memory analyses of a compiled executable."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
+    """Wall seconds of `iters` calls of `fn` (each waited for with block_until_ready) after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_matmul_flops(dtype, size: int, iters: int | None = None) -> dict:
+    """The best of `iters` [size, size] @ [size, size] matmuls in `dtype` on the default device: FLOP/s
+    this device reaches now. Default iters: 3 on CPU (seconds each), 20 on accelerators (milliseconds each).
+    Returns {"size", "dtype", "flops_per_s", "times_s"}."""
+    iters = iters or (3 if jax.devices()[0].platform == "cpu" else 20)
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
+    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+    times = time_calls(lambda: matmul(a, b), warmup=1, iters=iters)
+    return {"size": size, "dtype": jnp.dtype(dtype).name, "flops_per_s": 2.0 * size**3 / min(times),
+            "times_s": [round(t, 4) for t in times]}
+
+
+def default_peak_size() -> int:
+    """The matmul size of `peak_matmul_flops` that saturates the default device: 4096 on CPU, 8192 else."""
+    return 4096 if jax.devices()[0].platform == "cpu" else 8192
+
+
+def memory_stats(compiled) -> dict:
+    """Per-device bytes of a compiled executable (XLA's buffer assignment)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes", "peak_memory_in_bytes")
+    return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of one call of a compiled executable per device, as XLA's cost analysis counts them (NaN when
+    the backend reports none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per executable
+        cost = cost[0]
+    return float((cost or {}).get("flops", float("nan")))
