@@ -27,6 +27,12 @@ def _stage(title: str):
     return time.time()
 
 
+def _done(started: float) -> float:
+    seconds = time.time() - started
+    print(f"done in {seconds:.0f} s")
+    return seconds
+
+
 def synthesise(out: str, num_clips: int, seed: int) -> str:
     from data_prep import synth_corpus
 
@@ -171,17 +177,18 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     start = time.time()
+    times = {}
 
     t = _stage("1/5 synthesise the espeak-ng corpus")
     corpus = synthesise(out, args.num_clips, args.seed)
-    print(f"done in {time.time() - t:.0f} s")
+    times["synthesise"] = _done(t)
     t = _stage("2/5 prepare ArrayRecord splits")
     data_dir = prepare(corpus, out)
-    print(f"done in {time.time() - t:.0f} s")
+    times["prepare"] = _done(t)
     t = _stage("3/5 train the tiny CLSP (stage 2, CPU)")
     overrides = {"train.num_steps": args.num_steps} if args.num_steps else {}
     workdir = train(data_dir, out, overrides)
-    print(f"done in {time.time() - t:.0f} s")
+    times["train"] = _done(t)
     t = _stage("4/5 evaluate on the held-out test split")
     metrics, model, batches = evaluate(workdir, data_dir)
     md = table(metrics)
@@ -190,12 +197,13 @@ def main(argv=None):
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
-    print(f"done in {time.time() - t:.0f} s")
+    times["evaluate"] = _done(t)
     t = _stage("5/5 plots")
     for path in plots(workdir, model, batches, out):
         print(f"wrote {path}")
-    print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min; results in {out}")
-
+    times["plots"] = _done(t)
+    print("\nstage times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in times.items()))
+    print(f"demo finished in {(time.time() - start) / 60:.1f} min; results in {out}")
 
 if __name__ == "__main__":
     main()
