@@ -17,10 +17,11 @@ from clsp_jax.optim_config import default_optim_config
 def base_config(model: dict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # remat: "none" | "layer" | "layer_save_dots" (per-layer rematerialisation, clsp_jax.models.remat)
+    # head_init: "torch" (PyTorch nn.Linear's, as the authors' heads start) | "lecun" (clsp_jax.models.clsp)
     # logit_bias_init None: the network has no logit_bias; the trainer sets it (from loss.logit_bias_init) for
     # objectives that need one.
     config.model = ml_collections.ConfigDict(
-        {"remat": "none", "logit_bias_init": config_dict.placeholder(float), **model}
+        {"remat": "none", "head_init": "torch", "logit_bias_init": config_dict.placeholder(float), **model}
     )
 
     config.data = default_data_config()

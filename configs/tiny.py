@@ -6,7 +6,8 @@ temperature, over the frozen pretrained MiniLM (its [CLS] states cached) and a f
 speech tower used as a random-feature encoder. What makes it learn: no dropout, feature masks or layer
 skipping (the pooled features of a random tower are nearly one shared vector, and the noise of dropout and
 masks swamps the small differences between clips) and the data-initialised audio head
-(`train.audio_head_init_batches`).
+(`train.audio_head_init_batches`), with heads that start from flax's lecun-normal init: from PyTorch's
+nn.Linear init (the authors', `model.head_init="torch"`) the demo learns several times slower (BENCHMARKS.md §7).
 Training the Zipformer stacks as well is slower per step and was no better at equal steps; to train them,
 drop "^speech/" from optim.frozen. The measured figures are in BENCHMARKS.md.
 """
@@ -59,7 +60,7 @@ def minilm_dir() -> str | None:
 def get_config():
     """Stage 2 (global + fine-grained; data.stage 2 selects the multi-positive objective) on the synthetic
     corpus, float32 on CPU."""
-    config = base_config(dict(speech=TINY_SPEECH, text=MINILM_L6, joint_dim=128, head_dropout=0.0))
+    config = base_config(dict(speech=TINY_SPEECH, text=MINILM_L6, joint_dim=128, head_dropout=0.0, head_init="lecun"))
     minilm = minilm_dir()
     if minilm:
         config.data.tokenizer = os.path.join(minilm, "tokenizer.json")

@@ -116,6 +116,13 @@ def test_heads_start_as_pytorch_linear_layers():
             assert np.abs(values).max() <= bound and np.abs(values).max() > 0.97 * bound  # fills the interval
             np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.1)  # uniform, not normal
             assert abs(values.mean()) < 0.1 * bound
+    # head_init="lecun": flax's default (normal kernel of std 1/sqrt(fan_in), zero bias).
+    lecun = projection(400, 256, **kw, init="lecun")["0"]
+    assert not np.any(np.asarray(lecun.bias[...]))
+    np.testing.assert_allclose(np.asarray(lecun.kernel[...]).std(), 1 / np.sqrt(400), rtol=0.1)
+    assert np.abs(np.asarray(lecun.kernel[...])).max() > 2 / np.sqrt(400)  # normal tails, beyond the uniform bound
+    with pytest.raises(ValueError, match="head_init must be one of"):
+        CLSPNet({**_fixture("clsp_spear_tiny")[1], "head_init": "xavier"}, rngs=nnx.Rngs(0))
 
 
 def test_a_net_without_logit_bias_has_the_authors_parameters():

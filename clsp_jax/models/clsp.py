@@ -31,6 +31,8 @@ def model_config(config: Mapping) -> dict:
     `joint_dim` may sit at the top level or inside `speech` (as in the reference fixtures); default 512.
     `remat` ("none" | "layer" | "layer_save_dots", see `clsp_jax.models.remat`) applies to every layer of
     both towers; default "none".
+    `head_init`: "torch" (default; PyTorch nn.Linear's init, as the authors' heads start) or "lecun" (flax's
+    lecun-normal kernels, zero biases; the CPU demo learns faster from it, see configs/tiny.py).
     `logit_bias_init`: None (default) = no logit bias, the authors' parameter set; a number adds a learnable
     scalar `logit_bias` starting there (SigLIP starts at -10), which the siglip objective needs.
     """
@@ -43,6 +45,8 @@ def model_config(config: Mapping) -> dict:
         raise ValueError(f"joint_dim must be a positive int, got {joint!r}")
     config["joint_dim"] = joint
     config.setdefault("head_dropout", 0.1)
+    if config.setdefault("head_init", "torch") not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {HEAD_INITS}, got {config['head_init']!r}")
     check_remat(config.setdefault("remat", "none"))
     bias = config.setdefault("logit_bias_init", None)
     if bias is not None:
@@ -52,9 +56,15 @@ def model_config(config: Mapping) -> dict:
     return config
 
 
-def _linear(din, dout, dtype, param_dtype, rngs):
-    """nnx.Linear [din -> dout] initialised as PyTorch's nn.Linear, so a new head starts as the authors' does:
-    kernel and bias ~ U(-1/sqrt(din), 1/sqrt(din)) (the bound of its kaiming_uniform_(a=sqrt(5)) kernel)."""
+HEAD_INITS = ("torch", "lecun")
+
+
+def _linear(din, dout, init, dtype, param_dtype, rngs):
+    """nnx.Linear [din -> dout]. init "torch": as PyTorch's nn.Linear, so a new head starts as the authors' does:
+    kernel and bias ~ U(-1/sqrt(din), 1/sqrt(din)) (the bound of its kaiming_uniform_(a=sqrt(5)) kernel);
+    "lecun": flax's default (lecun-normal kernel, zero bias)."""
+    if init == "lecun":
+        return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     bound = 1.0 / math.sqrt(din)
 
     def uniform(key, shape, dtype=jnp.float32):
@@ -67,10 +77,10 @@ def _linear(din, dout, dtype, param_dtype, rngs):
 class Transform(nnx.Module):
     """Linear-ReLU-Dropout-Linear (the authors' MLPLayers([d, d, d]); not residual)."""
 
-    def __init__(self, dim, dropout, *, rngs, dtype, param_dtype):
+    def __init__(self, dim, dropout, *, rngs, dtype, param_dtype, init="torch"):
         # Keys are the PyTorch nn.Sequential indices: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear.
-        self.sequential = nnx.Dict({"0": _linear(dim, dim, dtype, param_dtype, rngs),
-                                    "3": _linear(dim, dim, dtype, param_dtype, rngs)})
+        self.sequential = nnx.Dict({"0": _linear(dim, dim, init, dtype, param_dtype, rngs),
+                                    "3": _linear(dim, dim, init, dtype, param_dtype, rngs)})
         self.dropout = nnx.Dropout(dropout)
 
     def __call__(self, x, deterministic, rngs):
@@ -78,9 +88,10 @@ class Transform(nnx.Module):
         return self.sequential["3"](x)
 
 
-def projection(din, dim, *, rngs, dtype, param_dtype) -> nnx.Dict:
+def projection(din, dim, *, rngs, dtype, param_dtype, init="torch") -> nnx.Dict:
     """Linear(din->dim)-ReLU-Linear(dim->dim), keyed by the PyTorch nn.Sequential indices 0 and 2."""
-    return nnx.Dict({"0": _linear(din, dim, dtype, param_dtype, rngs), "2": _linear(dim, dim, dtype, param_dtype, rngs)})
+    return nnx.Dict({"0": _linear(din, dim, init, dtype, param_dtype, rngs),
+                     "2": _linear(dim, dim, init, dtype, param_dtype, rngs)})
 
 
 def _project(proj: nnx.Dict, x):
@@ -120,11 +131,12 @@ class CLSPNet(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         joint, p = config["joint_dim"], config["head_dropout"]
         self.speech = SpeechEncoder(config["speech"], **kw, remat=config["remat"])
-        self.audio_projection = projection(self.speech.output_dim, joint, **kw)
-        self.audio_transform = Transform(joint, p, **kw)
+        head = dict(kw, init=config["head_init"])
+        self.audio_projection = projection(self.speech.output_dim, joint, **head)
+        self.audio_transform = Transform(joint, p, **head)
         self.text_encoder = TextEncoder(config["text"], **kw, remat=config["remat"])
-        self.text_projection = projection(self.text_encoder.output_dim, joint, **kw)
-        self.text_transform = Transform(joint, p, **kw)
+        self.text_projection = projection(self.text_encoder.output_dim, joint, **head)
+        self.text_transform = Transform(joint, p, **head)
         self.logit_scale = nnx.Param(jnp.full((), math.log(1 / 0.07), param_dtype))
         # Only when configured, so a network without it has exactly the authors' parameters (and state dict).
         # float32 whatever param_dtype: the bias sits near -10 and moves by small steps.
