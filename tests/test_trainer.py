@@ -55,6 +55,7 @@ def _signal_once_logged(workdir, data_dir, extra, step, sig):
     (["--config.train.no_such_key=1"], "no_such_key"),
     (["--config.train.num_steps=many"], "num_steps"),
     (["--config.train.mesh=(2,1,1)"], "mesh shape"),
+    (["--config.model.head_init=xavier"], "config error: model: head_init must be one of ('torch', 'lecun')"),
     (["--config.optim.frozen=()"], "train.cache_text_states: caching text states needs the text encoder frozen"),
     (["--config.train.keep_best_metric=dev/global/s2t/R@1"],  # MICRO turns the dev evaluators off
      "train.keep_best_metric 'dev/global/s2t/R@1' must be '<evaluator>/<metric>' of an enabled evaluator"),

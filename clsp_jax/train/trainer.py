@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from clsp_jax import convert, distributed, losses, optim, sharding, storage
 from clsp_jax.data.fcaps_format import load_num_samples
 from clsp_jax.data.pipeline import make_train_iterator, train_captions
-from clsp_jax.models.clsp import CLSPNet
+from clsp_jax.models.clsp import CLSPNet, model_config
 from clsp_jax.models.text import TextEncoder
 from clsp_jax.tokenizer import CaptionTokenizer
 from clsp_jax.train import checkpoint
@@ -58,6 +58,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         mesh_shape = sharding.parse_mesh_shape(t.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        model_config(config.model.to_dict())
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     try:
         losses.resolve_objective(config.loss.objective, d.stage)
     except ValueError as e:
