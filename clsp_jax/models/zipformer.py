@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clsp_jax.models import convs
 from clsp_jax.models.regularisers import (Balancer, Draws, Whiten, limit_param_value, penalize_abs_values_gt,
                                           scale_grad)
 from clsp_jax.models.remat import check_remat, remat_layer_call
@@ -302,51 +303,6 @@ def length_mask(lengths: jax.Array, max_len: int) -> jax.Array:
     return jnp.arange(max_len)[None, :] < lengths[:, None]
 
 
-def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
-                                   dimension_numbers, feature_group_count, precision=None, out_sharding=None):
-    """Depthwise convolution as a sum of shifted products: the `lax.conv_general_dilated` that `nnx.Conv`
-    calls, for its depthwise case only (channels last, stride 1, no dilation, explicit padding).
-
-    lhs [B, *S, C], rhs [*K, 1, C], padding ((lo, hi),) per spatial dim -> [B, *S', C] in lhs's dtype,
-    accumulated in float32. Why not the grouped `lax.conv_general_dilated`: XLA's SPMD partitioner
-    (jax 0.10) returns its kernel gradient multiplied by the replication factor when the batch is sharded
-    over only some mesh axes (e.g. batch over data x fsdp of a (2, 2, 2) mesh: 2x), and XLA:CPU runs it
-    slower than these taps (BENCHMARKS.md §3).
-    """
-    del precision, dimension_numbers  # nnx.Conv always passes channels-last dimension numbers
-    n = lhs.ndim - 2
-    c = lhs.shape[-1]
-    if (feature_group_count != c or tuple(rhs.shape[n:]) != (1, c) or isinstance(padding, str)
-            or any(v != 1 for v in (*window_strides, *lhs_dilation, *rhs_dilation)) or out_sharding is not None):
-        raise ValueError(f"depthwise_conv_general_dilated handles stride-1 depthwise convs with explicit padding "
-                         f"only: lhs {lhs.shape}, rhs {rhs.shape}, groups {feature_group_count}, padding {padding}, "
-                         f"strides {window_strides}")
-    x = jnp.pad(lhs.astype(jnp.float32), [(0, 0), *padding, (0, 0)])
-    w = rhs.astype(jnp.float32)
-    out_size = [x.shape[1 + i] - rhs.shape[i] + 1 for i in range(n)]
-    out = None
-    for tap in np.ndindex(*rhs.shape[:n]):
-        term = x[(slice(None), *(slice(t, t + o) for t, o in zip(tap, out_size)))] * w[tap][0]
-        out = term if out is None else out + term
-    return out.astype(lhs.dtype)
-
-
-def pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
-                                   dimension_numbers, feature_group_count, precision=None, out_sharding=None):
-    """A 1x1 convolution as the matmul it is: lhs [B, *S, Cin] x rhs [1, .., 1, Cin, Cout] -> [B, *S, Cout].
-
-    The `lax.conv_general_dilated` that `nnx.Conv` calls, for 1x1 kernels with stride 1 only: XLA:CPU runs
-    the convolution form's backward pass much more slowly than this einsum (BENCHMARKS.md §3).
-    """
-    del dimension_numbers, out_sharding
-    n = lhs.ndim - 2
-    no_padding = padding in ("VALID", "SAME") if isinstance(padding, str) else all(tuple(p) == (0, 0) for p in padding)
-    if (feature_group_count != 1 or tuple(rhs.shape[:n]) != (1,) * n or not no_padding
-            or any(v != 1 for v in (*window_strides, *lhs_dilation, *rhs_dilation))):
-        raise ValueError(f"pointwise_conv_general_dilated handles stride-1 1x1 convs only: rhs {rhs.shape}")
-    return jnp.einsum("...c,cd->...d", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
-
-
 def _full_dim_output(outputs: Sequence[jax.Array], dims: Sequence[int]) -> jax.Array:
     """Channels 0..max(dims): each channel range taken from the latest stack that has it."""
     pieces, cur = [outputs[-1]], dims[-1]
@@ -384,12 +340,14 @@ def _linear(in_features, out_features, *, rngs, dtype, param_dtype, scale=None, 
 
 
 def _conv(in_features, out_features, kernel_size, *, rngs, dtype, param_dtype, scale=None, groups=1, **kw):
-    """nnx.Conv initialised like torch nn.ConvNd, or like icefall ScaledConv(initial_scale=scale)."""
+    """nnx.Conv initialised like torch nn.ConvNd, or like icefall ScaledConv(initial_scale=scale), computed by
+    `convs.conv_general_dilated` (forms of each kind of convolution that XLA:CPU runs fast)."""
     bound = 1.0 / math.sqrt(in_features // groups * math.prod(kernel_size))
     return nnx.Conv(
         in_features,
         out_features,
         kernel_size,
+        conv_general_dilated=convs.conv_general_dilated,
         feature_group_count=groups,
         kernel_init=_uniform(bound if scale is None else bound * scale),
         bias_init=_uniform(bound if scale is None else 0.1 * scale),
@@ -454,11 +412,9 @@ class ConvNeXt(nnx.Module):
     def __init__(self, channels: int, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, hidden_ratio=3):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         hidden = channels * hidden_ratio
-        self.depthwise_conv = _conv(channels, channels, (7, 7), groups=channels, padding=((3, 3), (3, 3)),
-                                    conv_general_dilated=depthwise_conv_general_dilated, **kw)
-        self.pointwise_conv1 = _conv(channels, hidden, (1, 1), conv_general_dilated=pointwise_conv_general_dilated, **kw)
-        self.pointwise_conv2 = _conv(hidden, channels, (1, 1), scale=0.01,
-                                     conv_general_dilated=pointwise_conv_general_dilated, **kw)
+        self.depthwise_conv = _conv(channels, channels, (7, 7), groups=channels, padding=((3, 3), (3, 3)), **kw)
+        self.pointwise_conv1 = _conv(channels, hidden, (1, 1), **kw)
+        self.pointwise_conv2 = _conv(hidden, channels, (1, 1), scale=0.01, **kw)
 
     def __call__(self, x: jax.Array, reg: Draws | None = None) -> jax.Array:
         """x [B, T, F, C]; `reg` (training regularisers) adds layerdrop: the block is the identity on a
@@ -651,8 +607,7 @@ class ConvolutionModule(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.in_proj = _linear(channels, 2 * channels, **kw)
         pad = kernel_size // 2
-        self.depthwise_conv = _conv(channels, channels, (kernel_size,), groups=channels, padding=((pad, pad),),
-                                    conv_general_dilated=depthwise_conv_general_dilated, **kw)
+        self.depthwise_conv = _conv(channels, channels, (kernel_size,), groups=channels, padding=((pad, pad),), **kw)
         self.out_proj = _linear(channels, channels, scale=0.05, **kw)
 
     def __call__(self, x: jax.Array, valid: jax.Array, reg: Draws | None = None) -> jax.Array:
