@@ -308,6 +308,7 @@ def run(args, config) -> dict:
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    perf.release_host_memory()  # as the trainer does after compiling
     print(f"compile: {compile_s:.1f} s (trace+lower {lower_s:.1f} s)", flush=True)
 
     holder = {"state": state}

@@ -32,6 +32,7 @@ class StepFlops:
         if key not in self.flops:
             # This compilation is the step's own: the jitted call that follows finds the executable cached.
             self.flops[key] = perf.xla_flops(self.step_fn.lower(state, batch).compile())
+            perf.release_host_memory()  # before the step's buffers are allocated
         return self.flops[key]
 
 
