@@ -16,7 +16,7 @@ three kinds of convolution the speech tower has:
 Each has a hand-written VJP that saves only the convolution's input, as the convolution would: no stacked
 windows or per-tap copies stay alive between the forward and backward passes.
 
-The speed of each form against XLA's convolution is in BENCHMARKS.md (Conv2dSubsampling formulations);
+The speed of each form against XLA's convolution is in BENCHMARKS.md §3;
 tests/test_convs.py checks values and gradients against `lax.conv_general_dilated`.
 """
 
