@@ -177,10 +177,14 @@ def all_agree(name: str, ok: bool, timeout_s: float = 600.0) -> bool:
 
 
 def leave_together(timeout_s: float = 5.0) -> None:
-    """Waits up to `timeout_s` for every process at an exit barrier (errors ignored: peers may be dead or
-    stuck in a collective, and then this process leaves alone)."""
+    """Waits up to `timeout_s` for every process at an exit barrier, and when all came, disconnects from the
+    coordination service together (`jax.distributed.shutdown`), so that process 0, which hosts the service,
+    cannot stop it under a peer that is still connected: that peer's client would abort the process instead
+    of letting it exit with its own code. Errors are ignored: peers may be dead or stuck in a collective, and
+    then this process leaves alone."""
     try:
         _client().wait_at_barrier("clsp_exit", int(timeout_s * 1000))
+        jax.distributed.shutdown()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
 
