@@ -65,17 +65,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
 
 
 def _explicit_padding(padding, spatial, kernel, strides) -> tuple[tuple[int, int], ...]:
-    if not isinstance(padding, str):
-        return tuple((int(lo), int(hi)) for lo, hi in padding)
-    if padding == "VALID":
-        return ((0, 0),) * len(kernel)
-    if padding == "SAME":
-        pads = []
-        for size, k, s in zip(spatial, kernel, strides):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads.append((total // 2, total - total // 2))
-        return tuple(pads)
-    raise ValueError(f"padding {padding!r}: expected 'VALID', 'SAME' or ((lo, hi), ...)")
+    if isinstance(padding, str):
+        if padding not in ("VALID", "SAME"):
+            raise ValueError(f"padding {padding!r}: expected 'VALID', 'SAME' or ((lo, hi), ...)")
+        return tuple(jax.lax.padtype_to_pads(spatial, kernel, strides, padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 # ------------------------------------------------------------------------------------------------ depthwise
@@ -122,14 +116,14 @@ def _depthwise_kernel_grad(x, g, kernel, pads):
     spatial axes are summed once at the end. XLA:CPU runs reductions over all but the channel axis, or one
     reduction per tap over the whole input, several times slower.
     """
-    g = g.astype(jnp.float32)
-    xp = jnp.pad(x.astype(jnp.float32), [(0, 0), *pads, (0, 0)])
     t = g.shape[1]
     per_frame = math.prod(g.shape) // t
     block = max(1, min(t, _KERNEL_GRAD_BLOCK_ELEMENTS // per_frame))
     steps = -(-t // block)
-    g = jnp.pad(g, [(0, 0), (0, steps * block - t)] + [(0, 0)] * (g.ndim - 2))
-    xp = jnp.pad(xp, [(0, 0), (0, steps * block - t)] + [(0, 0)] * (g.ndim - 2))
+    extra = steps * block - t  # frames of zeros that fill the last block
+    g = jnp.pad(g.astype(jnp.float32), [(0, 0), (0, extra)] + [(0, 0)] * (g.ndim - 2))
+    (lo, hi), *other_pads = pads
+    xp = jnp.pad(x.astype(jnp.float32), [(0, 0), (lo, hi + extra), *other_pads, (0, 0)])
     rest = g.shape[2:-1]
 
     def body(acc, i):
