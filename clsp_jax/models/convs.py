@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clsp_jax.sharding import BATCH_AXES
+
 # Input elements per step of the depthwise kernel gradient's scan (whole frames, at least one): measured on
 # the 7x7 ConvNeXt conv, one frame per step ran fastest (fewer, larger steps were slower).
 _KERNEL_GRAD_BLOCK_ELEMENTS = 1 << 13
@@ -112,31 +114,46 @@ def _depthwise_kernel_grad(x, g, kernel, pads):
     """dw[k, c] = sum over b and output positions s of xpad[b, s + k, c] g[b, s, c]: [*K, C] float32.
 
     A scan over blocks of the first spatial axis. Each step adds, for every tap, the block's products summed
-    over batch and frames only, into a [taps, *other spatial, C] accumulator that stays in cache; the other
-    spatial axes are summed once at the end. XLA:CPU runs reductions over all but the channel axis, or one
-    reduction per tap over the whole input, several times slower.
+    over frames and over the batch within each batch shard, into a [taps, shards, *other spatial, C]
+    accumulator that stays in cache; the shards and the other spatial axes are summed once at the end.
+    XLA:CPU runs reductions over all but the channel axis, or one reduction per tap over the whole input,
+    several times slower. Summing over a sharded batch inside the loop would cost one all-reduce per step.
     """
     t = g.shape[1]
-    per_frame = math.prod(g.shape) // t
+    shards = _batch_shards(g.shape[0])
+    per_frame = math.prod(g.shape) // t // shards
     block = max(1, min(t, _KERNEL_GRAD_BLOCK_ELEMENTS // per_frame))
     steps = -(-t // block)
     extra = steps * block - t  # frames of zeros that fill the last block
     g = jnp.pad(g.astype(jnp.float32), [(0, 0), (0, extra)] + [(0, 0)] * (g.ndim - 2))
     (lo, hi), *other_pads = pads
     xp = jnp.pad(x.astype(jnp.float32), [(0, 0), (lo, hi + extra), *other_pads, (0, 0)])
-    rest = g.shape[2:-1]
+    # [B, ...] -> [shards, B / shards, ...]: each shard's rows stay on its devices.
+    g = g.reshape(shards, -1, *g.shape[1:])
+    xp = xp.reshape(shards, -1, *xp.shape[1:])
+    rest = g.shape[3:-1]
 
     def body(acc, i):
-        xs = jax.lax.dynamic_slice_in_dim(xp, i * block, block + kernel[0] - 1, axis=1)
-        gs = jax.lax.dynamic_slice_in_dim(g, i * block, block, axis=1)
-        sums = [jnp.sum(xs[(slice(None), slice(tap[0], tap[0] + block),
-                            *(slice(k, k + r) for k, r in zip(tap[1:], rest)))] * gs, axis=(0, 1))
+        xs = jax.lax.dynamic_slice_in_dim(xp, i * block, block + kernel[0] - 1, axis=2)
+        gs = jax.lax.dynamic_slice_in_dim(g, i * block, block, axis=2)
+        sums = [jnp.sum(xs[(slice(None), slice(None), slice(tap[0], tap[0] + block),
+                            *(slice(k, k + r) for k, r in zip(tap[1:], rest)))] * gs, axis=(1, 2))
                 for tap in np.ndindex(*kernel)]
         return acc + jnp.stack(sums), None
 
-    acc = jnp.zeros((math.prod(kernel), *rest, g.shape[-1]), jnp.float32)
+    acc = jnp.zeros((math.prod(kernel), shards, *rest, g.shape[-1]), jnp.float32)
     acc, _ = jax.lax.scan(body, acc, jnp.arange(steps))
-    return acc.sum(axis=tuple(range(1, 1 + len(rest)))).reshape(*kernel, g.shape[-1])
+    return acc.sum(axis=tuple(range(1, 2 + len(rest)))).reshape(*kernel, g.shape[-1])
+
+
+def _batch_shards(batch: int) -> int:
+    """How many ways the batch is split over the devices of the mesh being traced under (1 without one, or
+    when that does not divide `batch`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    shards = math.prod(size for name, size in mesh.shape.items() if name in BATCH_AXES)
+    return shards if batch % shards == 0 else 1
 
 
 depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)

@@ -21,6 +21,7 @@ and trade FLOPs for activation memory with the model's per-layer remat (`model.r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -98,7 +99,10 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
 
     def step_fn(state, batch):
         step = state["step"]
-        (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"], batch, step)
+        # Under the mesh, layers can see how the batch is split (the convolutions' kernel gradients sum each
+        # batch shard on its own devices, `clsp_jax.models.convs`).
+        with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"], batch, step)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optim.clamp_logit_scale(optax.apply_updates(state["params"], updates))
         grad_norm = optax.tree.norm(grads)
