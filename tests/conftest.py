@@ -19,12 +19,7 @@ import tempfile
 _SUITE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
                 # On a loaded box the threads of fake devices can reach a collective more than XLA:CPU's default
                 # 40 s apart, and XLA then aborts the process (seen with jax 0.11.2 at load 12 on 2 cores).
-                "--xla_cpu_collective_call_terminate_timeout_seconds=600",
-                # jax 0.11.2's concurrency-optimised scheduler deadlocks 8 fake devices on 2 cores: the devices
-                # that reach a collective first hold the few pool threads while the others' work (the dropout
-                # RNG loops it runs in parallel) never gets one (the Zipformer's training forward on a (8, 1, 1)
-                # mesh; jax 0.10.2 runs it either way).
-                "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+                "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_flags, *(f for f in _SUITE_FLAGS if f.split("=")[0] not in _flags)]).strip()
 
