@@ -21,7 +21,7 @@ import types
 import numpy as np
 import pytest
 
-from train_fixtures import ROOT, micro_command, micro_data
+from train_fixtures import ROOT, RUN_TIMEOUT_S, micro_command, micro_data
 
 STEPS = ["--config.train.num_steps=6", "--config.train.audio_head_init_batches=0",
          "--config.train.checkpoint_every_steps=2", "--config.train.checkpoint_every_minutes=0",
@@ -48,7 +48,7 @@ def trained(base, data_dir):
     return base / "trained"
 
 
-def _run(workdir, data_dir, *extra, timeout=600):
+def _run(workdir, data_dir, *extra, timeout=RUN_TIMEOUT_S):
     extra_keys = {e.split("=", 1)[0] for e in extra}
     args = [*extra, *(s for s in STEPS if s.split("=", 1)[0] not in extra_keys)]
     return subprocess.run(micro_command(workdir, data_dir, *args), cwd=ROOT, capture_output=True, text=True,

@@ -16,20 +16,19 @@ import uuid
 import pytest
 from etils import epath
 from gcs_emulator import event_steps
-from train_fixtures import MINILM, ROOT, micro_args, micro_data
+from train_fixtures import MINILM, ROOT, RUN_TIMEOUT_S, micro_args, micro_data
 
 from clsp_jax import storage
 from clsp_jax.data import fcaps_format
 from clsp_jax.train import checkpoint
 
 CACHE_FLAG = "--config.train.compilation_cache_dir="
-TIMEOUT_S = 600
 
 
 def _cli(gcs, *args: str) -> subprocess.CompletedProcess:
     """`python <args>` from the repository root, pointed at the emulator."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **gcs.env}, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+                          text=True, timeout=RUN_TIMEOUT_S)
 
 
 def _train(gcs, workdir: str, data_dir: str, cache_dir, num_steps: int) -> subprocess.CompletedProcess:

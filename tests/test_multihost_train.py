@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import multihost
-from train_fixtures import ROOT, fake_devices_env, micro_args, micro_data
+from train_fixtures import ROOT, RUN_TIMEOUT_S, fake_devices_env, micro_args, micro_data
 
 NUM_STEPS = 6
 FSDP = ["--config.train.audio_head_init_batches=0", "--config.train.mesh=(1,4,1)", "--config.data.batch_size_multiple=4",
@@ -43,7 +43,7 @@ def data_dir(tmp_path_factory):
     return micro_data(tmp_path_factory.mktemp("multihost"), splits=("train", "dev"))
 
 
-def _one_process(workdir, data_dir, *extra, devices=4, timeout=600):
+def _one_process(workdir, data_dir, *extra, devices=4, timeout=RUN_TIMEOUT_S):
     env = fake_devices_env(devices)
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(key, None)
@@ -57,7 +57,7 @@ def _fsdp(*extra):
     return [f for f in FSDP if f.split("=", 1)[0] not in keys] + list(extra)
 
 
-def _two_processes(workdir, data_dir, *extra, logs=None, timeout=600, signal=None, argv=None):
+def _two_processes(workdir, data_dir, *extra, logs=None, timeout=RUN_TIMEOUT_S, signal=None, argv=None):
     args = argv or (lambda i: micro_args(workdir, data_dir, *_fsdp(*extra)))
     return multihost.launch(args, logs or f"{workdir}.logs", num_processes=2, devices_per_process=2,
                             timeout_s=timeout, signal=signal, env=ENV, cwd=ROOT)
@@ -215,7 +215,8 @@ def test_checkpoint_of_two_processes_resumes_on_one_device_and_exports(tmp_path,
     out = tmp_path / "export"
     env = fake_devices_env(1)
     result = subprocess.run([sys.executable, "-m", "clsp_jax.export", "--workdir", str(source), "--out", str(out),
-                             "--format", "orbax"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             "--format", "orbax"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     from flax import nnx
 
@@ -238,7 +239,7 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data_dir, two):
     source, _ = two
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
-    result = _one_process(workdir, data_dir, "--config.data.max_audio_seconds_per_batch=84.0", timeout=300)
+    result = _one_process(workdir, data_dir, "--config.data.max_audio_seconds_per_batch=84.0", timeout=RUN_TIMEOUT_S)
     assert result.returncode == 2, result.stderr[-4000:]
     assert "data.max_audio_seconds_per_batch" in result.stderr and "42.0" in result.stderr
     assert not os.path.exists(workdir / "checkpoints" / str(NUM_STEPS + 1))
@@ -248,7 +249,7 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data_dir, two):
 def test_four_processes_equal_one(tmp_path, data_dir, reference):
     workdir = tmp_path / "run"
     run = multihost.launch(micro_args(workdir, data_dir, *FSDP, *EVAL), tmp_path / "logs", num_processes=4,
-                           devices_per_process=1, timeout_s=900, env=ENV, cwd=ROOT)
+                           devices_per_process=1, timeout_s=RUN_TIMEOUT_S, env=ENV, cwd=ROOT)
     assert run.ok, run.describe()
     ref = _losses(reference)
     np.testing.assert_allclose([_losses(workdir)[s] for s in ref], list(ref.values()), rtol=1e-6)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from train_fixtures import ROOT, fake_devices_env, micro_command as _command, micro_data
+from train_fixtures import ROOT, RUN_TIMEOUT_S, fake_devices_env, micro_command as _command, micro_data
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def data_dir(tmp_path_factory):
     return micro_data(tmp_path_factory.mktemp("micro"))
 
 
-def _run(workdir, data_dir, *extra, timeout=600, env=None):
+def _run(workdir, data_dir, *extra, timeout=RUN_TIMEOUT_S, env=None):
     return subprocess.run(_command(workdir, data_dir, *extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 

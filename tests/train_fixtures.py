@@ -75,6 +75,9 @@ def tone_batch(batch_size: int, captions: int, *, seconds: float = 0.5, text_len
 # The trainer end to end (`python -m clsp_jax.train`) on a micro config.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How long a micro training run may take before a test calls it hung. A guard, not a speed check: a run takes
+# 1-3 min on an idle 2-core box, CI boxes are up to 3x slower, and the suite's two workers share the cores.
+RUN_TIMEOUT_S = 1800
 # The persistent XLA cache every micro run of a test session shares (set by conftest.py).
 XLA_CACHE_ENV = "CLSP_TEST_XLA_CACHE"
 MINILM = os.path.join(sys.prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
