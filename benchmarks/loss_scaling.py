@@ -19,8 +19,9 @@ import os
 
 _DEVICES = 8
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_DEVICES}").strip()
+    # Intra-op threads off: jax 0.11's XLA:CPU deadlocks when several fake devices run FFTs at once.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES}"
+                               " --xla_cpu_multi_thread_eigen=false").strip()
 
 import argparse  # noqa: E402
 import time  # noqa: E402

@@ -150,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, rest = parse_args(argv)
     if args.fake_devices:  # read when XLA's CPU backend starts, i.e. at the first device query below
         os.environ["JAX_PLATFORMS"] = "cpu"
+        # Intra-op threads off: jax 0.11's XLA:CPU deadlocks when several fake devices run FFTs at once.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.fake_devices}").strip()
+                                   + f" --xla_force_host_platform_device_count={args.fake_devices}"
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
     from benchmarks import common
 
     run(args, common.load_config(rest))

@@ -7,8 +7,7 @@ the CLSP authors feed their speech tower:
   and samples outside ``[0, n)`` are mirrored about the edges, edge sample included (x[-1] = x[0]), as
   Kaldi does; ``(n + shift//2) // shift`` frames for ``n`` samples;
 - per frame: remove the mean, pre-emphasis 0.97 (the first sample is emphasised against itself),
-  povey window (symmetric Hann ** 0.85), zero-pad to the next power of two, power spectrum (a DFT computed
-  as one matmul, see `dft_matrix`);
+  povey window (symmetric Hann ** 0.85), zero-pad to the next power of two, power spectrum;
 - mel triangles between ``low_freq`` and ``high_freq`` (negative: offset from Nyquist) on Kaldi's mel
   scale 1127 ln(1 + f/700), none on the Nyquist bin; log(max(energy, float32 eps)).
 
@@ -79,22 +78,6 @@ def mel_banks(num_mel_bins: int, fft_size: int, sample_rate: int, low_freq: floa
     return banks.T.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def dft_matrix(window: int, fft_size: int) -> np.ndarray:
-    """[window, 2 * (fft_size//2 + 1)] float32: a frame of `window` samples, zero-padded to `fft_size`, times
-    this matrix is its real DFT, the cosine (real) parts then the negated sine (imaginary) parts.
-
-    A matmul rather than `jnp.fft.rfft`: XLA:CPU's FFT in jax 0.11 deadlocks when every thread of its pool
-    runs one (several CPU devices at once), TPUs run FFTs slowly and matmuls fast, and the padding costs
-    nothing since only the window's rows exist. Its round-off keeps the features as close to Lhotse's as the
-    FFT's (tests/test_features.py).
-    """
-    bins = np.arange(fft_size // 2 + 1)
-    # Angles reduced mod fft_size exactly in integers before the float64 trigonometry.
-    angle = 2 * np.pi * (np.outer(np.arange(window), bins) % fft_size) / fft_size
-    return np.concatenate([np.cos(angle), -np.sin(angle)], axis=1).astype(np.float32)
-
-
 def povey_window(length: int) -> np.ndarray:
     """Kaldi's povey window [length] (float32): symmetric Hann raised to 0.85."""
     hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / (length - 1))
@@ -137,10 +120,10 @@ def _fbank(waveforms, wave_lens, *, num_mel_bins, sample_rate, low_freq, high_fr
     previous = jnp.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)
     frames = (frames - PREEMPH_COEFF * previous) * povey_window(window)
 
-    # HIGHEST: TPU/GPU would otherwise run these float32 matmuls in bf16/tf32 passes.
-    spectrum = jnp.matmul(frames, dft_matrix(window, fft_size), precision=jax.lax.Precision.HIGHEST)
-    power = jnp.sum(jnp.square(spectrum.reshape(*spectrum.shape[:-1], 2, -1)), axis=-2)
+    spectrum = jnp.fft.rfft(frames, n=fft_size, axis=-1)
+    power = jnp.square(spectrum.real) + jnp.square(spectrum.imag)
     banks = mel_banks(num_mel_bins, fft_size, sample_rate, low_freq, high_freq)
+    # HIGHEST: TPU/GPU would otherwise run this float32 matmul in bf16/tf32 passes.
     mel = jnp.matmul(power, banks, precision=jax.lax.Precision.HIGHEST)
     feats = jnp.log(jnp.maximum(mel, ENERGY_FLOOR))
 

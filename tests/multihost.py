@@ -4,7 +4,8 @@ Every process gets the same command line (or its own, when `argv` is a function 
 this environment on top of the caller's:
 
   JAX_PLATFORMS=cpu                      CPU only, so no process grabs an accelerator
-  XLA_FLAGS=--xla_force_host_platform_device_count=D   D fake CPU devices per process
+  XLA_FLAGS=--xla_force_host_platform_device_count=D   D fake CPU devices per process (with
+                                         train_fixtures.fake_devices_flags)
   JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT a free port; process 0 hosts the coordination service there
   JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i  read by our code, not by JAX: `jax.distributed.initialize()` reads
                                          only the coordinator address from the environment, so the caller
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal as signal_module
 import socket
 import subprocess
@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+
+from train_fixtures import fake_devices_flags
 
 
 @dataclasses.dataclass
@@ -92,9 +94,7 @@ def process_env(index: int, num_processes: int, devices_per_process: int, port: 
                 base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of process `index` (see the module docstring), on top of `base` (default: ours)."""
     env = dict(os.environ if base is None else base)
-    other_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-    env.update(JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{other_flags.strip()} --xla_force_host_platform_device_count={devices_per_process}".strip(),
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices_flags(env.get("XLA_FLAGS", ""), devices_per_process),
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(index),
                PYTHONUNBUFFERED="1")  # so a line-triggered signal sees lines as they are printed

@@ -136,12 +136,23 @@ def micro_command(workdir, data_dir, *extra) -> list[str]:
     return [sys.executable, *micro_args(workdir, data_dir, *extra)]
 
 
+def fake_devices_flags(flags: str, devices: int) -> str:
+    """XLA_FLAGS `flags` set to `devices` fake CPU devices (any count already there replaced).
+
+    With several, XLA:CPU's intra-op thread pool is off: in jax 0.11 the devices' FFTs (the fbank's) ran at
+    once on every thread of the pool, each waiting for pool threads to run its parallel parts, and deadlocked
+    (jax 0.10 runs each FFT on one thread).
+    """
+    flags = re.sub(r"--xla_(force_host_platform_device_count|cpu_multi_thread_eigen)=\S+", "", flags).strip()
+    extra = " --xla_cpu_multi_thread_eigen=false" if devices > 1 else ""
+    return f"{flags} --xla_force_host_platform_device_count={devices}{extra}".strip()
+
+
 def fake_devices_env(devices: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """`base` (default: this process's environment) for a child JAX on `devices` fake CPU devices, keeping the
     other XLA flags (the suite's fast-compile ones, conftest.py)."""
     env = dict(os.environ if base is None else base)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices_flags(env.get("XLA_FLAGS", ""), devices))
     return env
 
 
