@@ -70,7 +70,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
         every step that is a multiple of this (`clsp_jax.averaging`); after a skipped (non-finite) step those
         are the unchanged weights, as icefall's batch count also advances on such steps.
       frozen: the optimizer's frozen-parameter regexes: their backward pass is skipped.
-      mesh: when given, the loss runs in shard_map over its batch axes (all-gathered features).
+      mesh: when given, the loss runs in shard_map over its batch axes (all-gathered features), and the
+        forward and backward trace under it (`jax.sharding.use_abstract_mesh`).
     """
     if objective not in losses.OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {sorted(losses.OBJECTIVES)}")
