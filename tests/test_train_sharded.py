@@ -3,18 +3,23 @@
 Three steps of a small CLSP (`train_fixtures.small_model_config`: the reference fixture's widths, fewer
 layers to keep XLA:CPU compiles short; dropout on) with AdamW (eps 1e-3: Adam's first steps are
 sign(gradient) where gradients are ~0, which would turn float32 summation noise into lr-sized differences)
-on meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,2): losses and the parameters after 3 steps match
-one device. XLA must see 8 host devices before JAX starts, so everything runs in one child process (this
-file run as a script prints a JSON report); the pytest side only asserts on the report.
+on meshes (data, fsdp, tensor) = (8,1,1), (2,2,2) and, marked slow, (2,4,1): losses and the parameters after
+3 steps match one device. XLA must see 8 host devices before JAX starts, so everything runs in a child process
+(this file run as a script with the meshes as JSON prints a JSON report); the pytest side only asserts on
+the report.
 """
 
 import json
+import sys
 
 import numpy as np
 import pytest
 from train_fixtures import report_on_fake_devices, small_model_config, tone_batch
 
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+# Data parallel; FSDP and tensor parallel together. FSDP alone (its own child process and compilations) is slow.
+MESHES = [(8, 1, 1), (2, 2, 2)]
+SLOW_MESHES = [(2, 4, 1)]
+ALL_MESHES = [*MESHES, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MESHES)]
 TRAIN = dict(objective="multi_positive", loss_cfg={}, seed=0, ema_decay=0.9)
 OPTIM = dict(base_lr=3e-3, schedule="constant", param_groups=[], eps=1e-3)
 # A weight of each tower and its expected spec per mesh: [64, 128] ("embed", "mlp"), [1000, 64] ("vocab", "embed").
@@ -47,7 +52,7 @@ def _leaf(tree, suffix: str):
     return found[0]
 
 
-def _report() -> dict:
+def _report(meshes: list[tuple[int, int, int]]) -> dict:
     import jax
     import optax
     from flax import nnx
@@ -79,7 +84,7 @@ def _report() -> dict:
     ref = jax.device_get(ref)
     report = {"reference_losses": ref_losses, "ref_update_size": _relative_error(ref["params"], init_params)}
 
-    for shape in MESHES:
+    for shape in map(tuple, meshes):
         mesh = sharding.make_mesh(shape)
         state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema=True)
         out = {"init_error": _relative_error(state["params"], init_params)}
@@ -133,7 +138,16 @@ def _report() -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    return report_on_fake_devices(__file__)
+    return report_on_fake_devices(__file__, args=[json.dumps(MESHES)])
+
+
+@pytest.fixture(scope="module")
+def slow_report():
+    return report_on_fake_devices(__file__, args=[json.dumps(SLOW_MESHES)])
+
+
+def _mesh_report(request, mesh) -> dict:
+    return request.getfixturevalue("slow_report" if mesh in SLOW_MESHES else "report")[str(mesh)]
 
 
 def _mesh_id(mesh):
@@ -146,19 +160,19 @@ def test_reference_run_trains(report):
     assert len(set(report["reference_losses"])) == 3
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=_mesh_id)
-def test_sharded_step_matches_one_device(report, mesh):
-    out = report[str(mesh)]
+@pytest.mark.parametrize("mesh", ALL_MESHES, ids=_mesh_id)
+def test_sharded_step_matches_one_device(request, report, mesh):
+    out = _mesh_report(request, mesh)
     assert out["init_error"] == 0.0  # init_sharded_state places the eager init exactly
     np.testing.assert_allclose(out["losses"], report["reference_losses"], rtol=1e-5)
     for key in ("param_error", "opt_state_error", "ema_error"):
         assert out[key] <= 1e-5, (key, out[key])
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=_mesh_id)
+@pytest.mark.parametrize("mesh", ALL_MESHES, ids=_mesh_id)
 @pytest.mark.parametrize("name", [FF_KERNEL, WORD_EMBEDDING], ids=["ff_kernel", "word_embedding"])
-def test_state_is_sharded_by_the_rules(report, mesh, name):
-    got = report[str(mesh)][name]
+def test_state_is_sharded_by_the_rules(request, mesh, name):
+    got = _mesh_report(request, mesh)[name]
     spec = EXPECTED_SPECS[mesh][name]
     assert got["spec"] == spec
     sizes = dict(zip(("data", "fsdp", "tensor"), mesh))
@@ -179,4 +193,4 @@ def test_jit_init_equals_eager_init_and_is_sharded(report):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_report()))
+    print(json.dumps(_report(json.loads(sys.argv[1]))))

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -156,15 +157,15 @@ def fake_devices_env(devices: int, base: dict[str, str] | None = None) -> dict[s
     return env
 
 
-def report_on_fake_devices(script: str, devices: int = 8, timeout: int = 900) -> dict:
-    """Runs `script` (a test file whose `__main__` prints a JSON report as its last line) in a child process
-    that sees `devices` fake CPU devices (XLA reads the flag before JAX starts, so it cannot be set in the
-    pytest process) and returns the report."""
+def report_on_fake_devices(script: str, devices: int = 8, timeout: int = 900, args: Sequence[str] = ()) -> dict:
+    """Runs `script` (a test file whose `__main__` prints a JSON report as its last line) with `args` in a child
+    process that sees `devices` fake CPU devices (XLA reads the flag before JAX starts, so it cannot be set in
+    the pytest process) and returns the report."""
     import subprocess
 
     env = fake_devices_env(devices)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(script)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

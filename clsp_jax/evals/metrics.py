@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.stats
 
 RECALL_AT = (1, 5, 10)
 MAP_CUTOFF = 10
@@ -131,6 +130,8 @@ def similarity_correlations(pred: np.ndarray, human: np.ndarray) -> dict[str, fl
         raise ValueError("scores contain NaN or inf")
     if np.ptp(pred) == 0 or np.ptp(human) == 0:
         return {"pearson": float("nan"), "spearman": float("nan"), "kendall": float("nan")}
+    import scipy.stats  # here, not at the top: slow to import, and only this metric needs it
+
     return {
         "pearson": float(scipy.stats.pearsonr(pred, human).statistic),
         "spearman": float(scipy.stats.spearmanr(pred, human).statistic),
