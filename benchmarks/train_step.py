@@ -12,7 +12,9 @@ shape (no data needed). Defaults: the config's bucket batch for `--clip-seconds`
 objective. With `train.cache_text_states`
 the batch carries random text states [B, C, H] in place of the tokens, as the trainer sends its cached
 [CLS] states, so the text encoder below the pooler is not in the step; the cache's one-time build is
-reported as analytic FLOPs per caption only (not run).
+reported as analytic FLOPs per caption only (not run). The batch always carries waveforms:
+`train.cache_speech_states` (tiny's setting, which after the first epoch leaves only the heads of the audio
+side in the step) is not modelled, so this measures the step of a first epoch.
 
 MFU = FLOPs per step / step time / peak FLOP/s, where the peak is a large matmul in the compute dtype
 measured in the same run (so a busy machine lowers both). FLOPs come from XLA's `cost_analysis()` of the

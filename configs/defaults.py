@@ -69,6 +69,9 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
             # Run a text encoder frozen below its pooler once per training caption, not every step
             # (clsp_jax.train.text_cache; stages 1-2).
             cache_text_states=False,
+            # Run a frozen speech tower (in eval mode) once per training clip, not every epoch
+            # (clsp_jax.train.speech_cache).
+            cache_speech_states=False,
             # Batches whose pooled speech features standardise the audio head's input at step 0 (0 = off;
             # for a speech tower trained from scratch: clsp_jax.train.head_init).
             audio_head_init_batches=0,

@@ -3,13 +3,15 @@ the all-MiniLM-L6-v2 text tower (BERT family, 384 wide) that the PyPI package gt
 
 What trains, so that the demo learns on a laptop-class CPU in minutes: the heads, the text pooler and the
 temperature, over the frozen pretrained MiniLM (its [CLS] states cached) and a frozen, randomly initialised
-speech tower used as a random-feature encoder. What makes it learn: no dropout, feature masks or layer
+speech tower used as a random-feature encoder (its pooled features cached: it runs once per clip, in the
+first epoch). What makes it learn: no dropout, feature masks or layer
 skipping (the pooled features of a random tower are nearly one shared vector, and the noise of dropout and
 masks swamps the small differences between clips) and the data-initialised audio head
 (`train.audio_head_init_batches`), with heads that start from flax's lecun-normal init: from PyTorch's
 nn.Linear init (the authors', `model.head_init="torch"`) the demo learns several times slower (BENCHMARKS.md §7).
 Training the Zipformer stacks as well is slower per step and was no better at equal steps; to train them,
-drop "^speech/" from optim.frozen. The measured figures are in BENCHMARKS.md.
+drop "^speech/" from optim.frozen and set train.cache_speech_states=False. The measured figures are in
+BENCHMARKS.md.
 """
 
 import os
@@ -73,6 +75,7 @@ def get_config():
     config.data.text_fixed_length = 112
     config.data.eval_batch_size = 32
     config.train.cache_text_states = True  # the text encoder is frozen below its pooler (optim.frozen)
+    config.train.cache_speech_states = True  # the speech tower is frozen (optim.frozen)
     config.train.audio_head_init_batches = 8
     config.train.num_steps = 400
     config.train.compute_dtype = "float32"

@@ -57,6 +57,8 @@ def _signal_once_logged(workdir, data_dir, extra, step, sig):
     (["--config.train.mesh=(2,1,1)"], "mesh shape"),
     (["--config.model.head_init=xavier"], "config error: model: head_init must be one of ('torch', 'lecun')"),
     (["--config.optim.frozen=()"], "train.cache_text_states: caching text states needs the text encoder frozen"),
+    (["--config.train.cache_speech_states=True"],  # MICRO's speech tower trains
+     "train.cache_speech_states: caching speech states needs the whole speech tower frozen"),
     (["--config.train.keep_best_metric=dev/global/s2t/R@1"],  # MICRO turns the dev evaluators off
      "train.keep_best_metric 'dev/global/s2t/R@1' must be '<evaluator>/<metric>' of an enabled evaluator"),
 ])
@@ -76,6 +78,30 @@ def test_missing_data_dir_and_batch_multiple_fail_with_one_line(tmp_path, data_d
                   timeout=120, env=two_devices)
     assert result.returncode == 2 and "batch_size_multiple=3" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cached_speech_states_train_the_heads_over_the_frozen_tower(tmp_path, data_dir):
+    """With the speech tower frozen and cached (as in `make demo`), the run trains the audio head; the
+    tower's weights stay those of its initialisation (the seed's)."""
+    run = tmp_path / "run"
+    frozen = "--config.optim.frozen=('^text_encoder/(embeddings|encoder)/','^speech/')"
+    result = _run(run, data_dir, frozen, "--config.train.cache_speech_states=True", "--config.train.num_steps=3",
+                  "--config.train.audio_head_init_batches=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(np.isfinite(list(_losses(run).values()))) and sorted(_losses(run)) == [1, 2, 3]
+    from clsp_jax.train.checkpoint import restore_params
+    from clsp_jax.train.trainer import new_net, resolve_config
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    params, config, _ = restore_params(str(run))
+    config = resolve_config(ml_collections.ConfigDict(config))
+    initial = nnx.to_pure_dict(nnx.state(new_net(config, config.train.seed), nnx.Param))
+    for a, b in zip(jax.tree.leaves(initial["speech"]), jax.tree.leaves(params["speech"])):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(initial["audio_projection"]), jax.tree.leaves(params["audio_projection"])))
 
 
 def test_too_many_non_finite_losses_stop_with_a_checkpoint(tmp_path, data_dir):

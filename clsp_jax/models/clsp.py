@@ -153,8 +153,13 @@ class CLSPNet(nnx.Module):
         Training (`deterministic=False`) needs `rngs` (e.g. `nnx.Rngs(dropout=key)`) for dropout.
         """
         frames, lens = self.encode_features(features, feature_lens, deterministic=deterministic, rngs=rngs)
-        x = _project(self.audio_projection, masked_mean(frames, lens).astype(frames.dtype))
-        return l2_normalize(self.audio_transform(x, deterministic, rngs))
+        return self.embed_pooled_audio(masked_mean(frames, lens).astype(frames.dtype), deterministic=deterministic,
+                                       rngs=rngs)
+
+    def embed_pooled_audio(self, pooled, *, deterministic=True, rngs=None):
+        """pooled [B, C] (the speech frames' average, `pooled_audio`; e.g. cached from a frozen tower) ->
+        unit-norm audio embeddings [B, joint_dim] float32: the heads of `embed_features`."""
+        return l2_normalize(self.audio_transform(_project(self.audio_projection, pooled), deterministic, rngs))
 
     def pooled_audio(self, features, feature_lens):
         """features [B, T, F], feature_lens [B] -> the audio head's input [B, C]: frames averaged (eval mode)."""

@@ -10,7 +10,9 @@ Batch (global arrays, clips on the leading axis, sharded over (data, fsdp)):
     audio [B, N] float32 waveform, audio_lens [B] int32, input_ids / attention_mask [B, C, L] int32
     (C captions per clip: 1 in stage 1, 2 in stage 2, 3 in stage 3 with the hard negative last),
     caption_mask [B, C] bool (optional), negative_valid [B] bool (stage 3). With a frozen text encoder the
-    captions may come as text_states [B, C, H] float32 instead of tokens (`clsp_jax.train.text_cache`).
+    captions may come as text_states [B, C, H] float32 instead of tokens (`clsp_jax.train.text_cache`), and
+    with a frozen, deterministic speech tower the clips as speech_states [B, C'] float32 (their frames'
+    average) instead of audio / audio_lens (`clsp_jax.train.speech_cache`).
 
 No gradient accumulation: contrastive losses need every negative of the global batch in one step, and
 accumulating micro-batches would shrink the negatives (GradCache would be needed); scale the mesh instead,
@@ -39,9 +41,12 @@ def embed_batch(net: CLSPNet, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | N
 
     With `rngs` dropout is on (training); without, the forward is deterministic (evaluation).
     """
-    feats, feat_lens = fbank(batch["audio"], batch["audio_lens"])
     deterministic = rngs is None
-    audio_emb = net.embed_features(feats, feat_lens, deterministic=deterministic, rngs=rngs)
+    if "speech_states" in batch:  # cached frame averages of a frozen speech tower (clsp_jax.train.speech_cache)
+        audio_emb = net.embed_pooled_audio(batch["speech_states"], deterministic=deterministic, rngs=rngs)
+    else:
+        feats, feat_lens = fbank(batch["audio"], batch["audio_lens"])
+        audio_emb = net.embed_features(feats, feat_lens, deterministic=deterministic, rngs=rngs)
     if "text_states" in batch:  # cached [CLS] states of a frozen text encoder (clsp_jax.train.text_cache)
         b, c, h = batch["text_states"].shape
         text_emb = net.embed_cls_states(batch["text_states"].reshape(b * c, h), deterministic=deterministic, rngs=rngs)

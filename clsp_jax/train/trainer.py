@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -41,6 +42,8 @@ from clsp_jax.train.head_init import standardize_audio_head
 from clsp_jax.train.prefetch import Prefetcher
 from clsp_jax.train.speed import StepFlops, StepProfiler, peak_flops_per_device, profile_range
 from clsp_jax.train.step import make_train_step
+from clsp_jax.train import speech_cache as speech_cache_lib
+from clsp_jax.train.speech_cache import SpeechStateCache
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states, check_cacheable
 
 log = logging.getLogger("clsp_jax.train")
@@ -98,6 +101,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
             check_cacheable(paths, config.optim.frozen, d.stage)
         except ValueError as e:
             raise ConfigError(f"train.cache_text_states: {e}") from None
+    if t.cache_speech_states:
+        net = nnx.eval_shape(lambda: new_net(config, 0))
+        paths = [sharding.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(nnx.state(net, nnx.Param))[0]]
+        try:
+            speech_cache_lib.check_cacheable(paths, config.optim.frozen)
+        except ValueError as e:
+            raise ConfigError(f"train.cache_speech_states: {e}") from None
     if t.num_steps <= 0:
         raise ConfigError(f"train.num_steps must be positive, got {t.num_steps}")
     try:
@@ -132,11 +142,16 @@ def build_net(config, param_init_seed: int) -> CLSPNet:
     return net
 
 
-def device_batch(host: Mapping[str, np.ndarray], mesh, captions: int, text_cache: TextStateCache | None = None) -> dict:
+def device_batch(host: Mapping[str, np.ndarray], mesh, captions: int, text_cache: TextStateCache | None = None,
+                 speech_cache: SpeechStateCache | None = None) -> dict:
     """This process's host batch (captions k-major [C*B, L]) -> global arrays, clips leading: captions
-    [B, C, L], or their cached text states [B, C, H] when there is a cache."""
+    [B, C, L], or their cached text states [B, C, H] when there is a text cache; audio [B, N] and audio_lens
+    [B], or the clips' cached speech states [B, C'] when there is a speech cache."""
     b = host["audio"].shape[0]
-    batch = {"audio": host["audio"], "audio_lens": host["audio_lens"]}
+    if speech_cache is not None:
+        batch = {"speech_states": speech_cache(host["audio"], host["audio_lens"])}
+    else:
+        batch = {"audio": host["audio"], "audio_lens": host["audio_lens"]}
     if text_cache is not None:
         batch["text_states"] = cached_text_states(host, text_cache, captions)
     else:
@@ -146,6 +161,21 @@ def device_batch(host: Mapping[str, np.ndarray], mesh, captions: int, text_cache
     if "negative_valid" in host:
         batch["negative_valid"] = host["negative_valid"]
     return sharding.global_batch(batch, mesh)
+
+
+def _summary_writer(logdir: str):
+    """tensorboardX's SummaryWriter for `logdir`, imported without torch: tensorboardX imports torch when it is
+    installed (the parity extra) only to recognise torch tensors, which costs seconds at every start; we log
+    floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
 
 
 class MetricsLog:
@@ -170,9 +200,7 @@ class MetricsLog:
             lines = self.path.read_text().splitlines(keepends=True)
             self.path.write_text("".join(line for line in lines
                                          if line.strip() and json.loads(line)["step"] <= resume_step))
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(str(self.local / "tensorboard"))
+        self.tb = _summary_writer(str(self.local / "tensorboard"))
         self.file = self.path.open("a")
         self.synced = time.monotonic()
 
@@ -213,6 +241,13 @@ def _text_cache(config, text_graphdef, text_params, tokenizer: CaptionTokenizer)
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         encoder = nnx.merge(text_graphdef, host)
         return TextStateCache.build(encoder, tokenizer, texts, length=config.data.text_fixed_length or None)
+
+
+def _speech_cache(speech_graphdef, speech_params) -> SpeechStateCache:
+    """An empty cache of the frozen speech tower's frame averages (`train.cache_speech_states`), over a copy of
+    the tower's (sharded) parameters of the train state on this process's first local device."""
+    host = multihost_utils.process_allgather(speech_params, tiled=True)  # every process: the whole frozen tower
+    return SpeechStateCache(nnx.merge(speech_graphdef, jax.device_put(host, jax.local_devices()[0])))
 
 
 # Keys a resumed run must share with the run that wrote the checkpoint: the network and objective, and what
@@ -356,6 +391,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if t.cache_text_states:
         text_cache = _text_cache(config, nnx.graphdef(abstract_net.text_encoder), state["params"]["text_encoder"],
                                  tokenizer)
+    speech_cache = None
+    if t.cache_speech_states:
+        speech_cache = _speech_cache(nnx.graphdef(abstract_net.speech), state["params"]["speech"])
     sharding.check_no_large_replicated(state["params"], shardings["params"], mesh)
     start = int(state["step"])
 
@@ -374,7 +412,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption = distributed.Preemption(t.preemption_check_every_steps)
     saver = checkpoint.Saver(manager, workdir)
     # Batches are loaded and put on the devices in a thread while the step runs (clsp_jax.train.prefetch).
-    batches = Prefetcher(data, lambda host: device_batch(host, mesh, captions, text_cache), t.prefetch_batches)
+    batches = Prefetcher(data, lambda host: device_batch(host, mesh, captions, text_cache, speech_cache),
+                         t.prefetch_batches)
 
     def evaluate_and_save(step: int, final: bool) -> None:
         """The evaluators due at `step` (all when `final`), then a checkpoint when the policy, `final` or an
