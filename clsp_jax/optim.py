@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -107,6 +107,12 @@ class _Rules:
             if not any(pattern.search(path) for path in paths):
                 raise ValueError(f"{key} pattern {pattern.pattern!r} matches no parameter "
                                  f"(paths look like {paths[:3]})")
+
+
+def training_paths(paths: Sequence[str], frozen: Sequence[str]) -> list[str]:
+    """The parameter `paths` that no `frozen` regex matches (those the optimizer trains)."""
+    patterns = [re.compile(p) for p in frozen]
+    return [path for path in paths if not any(p.search(path) for p in patterns)]
 
 
 def stop_frozen_gradients(frozen: list[str], params):

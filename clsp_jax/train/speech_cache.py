@@ -17,8 +17,6 @@ so processes may compute different numbers of clips.
 from __future__ import annotations
 
 import hashlib
-import logging
-import re
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -27,15 +25,13 @@ from flax import nnx
 
 from clsp_jax.features import fbank
 from clsp_jax.models.clsp import masked_mean
-
-log = logging.getLogger(__name__)
+from clsp_jax.optim import training_paths
 
 
 def check_cacheable(param_paths: Sequence[str], frozen: Sequence[str]) -> None:
     """Raises ValueError unless every speech-tower parameter is frozen (`optim.frozen`)."""
-    patterns = [re.compile(p) for p in frozen]
     speech = [p for p in param_paths if p.startswith("speech/")]
-    training = [p for p in speech if not any(r.search(p) for r in patterns)]
+    training = training_paths(speech, frozen)
     if not speech or training:
         raise ValueError("caching speech states needs the whole speech tower frozen (optim.frozen); "
                          f"these train: {training[:3] or 'no speech parameters found'}")

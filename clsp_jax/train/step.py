@@ -11,8 +11,8 @@ Batch (global arrays, clips on the leading axis, sharded over (data, fsdp)):
     (C captions per clip: 1 in stage 1, 2 in stage 2, 3 in stage 3 with the hard negative last),
     caption_mask [B, C] bool (optional), negative_valid [B] bool (stage 3). With a frozen text encoder the
     captions may come as text_states [B, C, H] float32 instead of tokens (`clsp_jax.train.text_cache`), and
-    with a frozen, deterministic speech tower the clips as speech_states [B, C'] float32 (their frames'
-    average) instead of audio / audio_lens (`clsp_jax.train.speech_cache`).
+    with a frozen speech tower the clips as speech_states [B, C'] float32 (their frames' average, in eval
+    mode) instead of audio / audio_lens (`clsp_jax.train.speech_cache`).
 
 No gradient accumulation: contrastive losses need every negative of the global batch in one step, and
 accumulating micro-batches would shrink the negatives (GradCache would be needed); scale the mesh instead,

@@ -13,7 +13,6 @@ negatives are made on the fly) and a text encoder frozen up to its pooler (`chec
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from clsp_jax.models.text import TextEncoder
+from clsp_jax.optim import training_paths
 from clsp_jax.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,8 @@ def check_cacheable(param_paths: Sequence[str], frozen: Sequence[str], stage: in
     captions all come from the data (not stage 3)."""
     if stage == 3:
         raise ValueError("stage 3's hard negatives are rewritten on the fly, so their states cannot be cached")
-    patterns = [re.compile(p) for p in frozen]
     below_pooler = [p for p in param_paths if p.startswith("text_encoder/") and not p.startswith("text_encoder/pooler/")]
-    training = [p for p in below_pooler if not any(r.search(p) for r in patterns)]
+    training = training_paths(below_pooler, frozen)
     if not below_pooler or training:
         raise ValueError("caching text states needs the text encoder frozen below its pooler (optim.frozen); "
                          f"these train: {training[:3] or 'no text encoder parameters found'}")

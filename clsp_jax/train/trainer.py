@@ -40,10 +40,9 @@ from clsp_jax.train import state as train_state
 from clsp_jax.train.evaluation import check_evaluators, make_evaluator
 from clsp_jax.train.head_init import standardize_audio_head
 from clsp_jax.train.prefetch import Prefetcher
+from clsp_jax.train.speech_cache import SpeechStateCache, check_cacheable as check_speech_cacheable
 from clsp_jax.train.speed import StepFlops, StepProfiler, peak_flops_per_device, profile_range
 from clsp_jax.train.step import make_train_step
-from clsp_jax.train import speech_cache as speech_cache_lib
-from clsp_jax.train.speech_cache import SpeechStateCache
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states, check_cacheable
 
 log = logging.getLogger("clsp_jax.train")
@@ -105,7 +104,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[i
         net = nnx.eval_shape(lambda: new_net(config, 0))
         paths = [sharding.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(nnx.state(net, nnx.Param))[0]]
         try:
-            speech_cache_lib.check_cacheable(paths, config.optim.frozen)
+            check_speech_cacheable(paths, config.optim.frozen)
         except ValueError as e:
             raise ConfigError(f"train.cache_speech_states: {e}") from None
     if t.num_steps <= 0:
