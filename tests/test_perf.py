@@ -1,10 +1,40 @@
-"""`clsp_jax.perf.release_host_memory`: freed heap memory goes back to the OS."""
+"""`clsp_jax.perf.release_host_memory`: freed heap memory goes back to the OS. The XLA:CPU flag that
+importing clsp_jax sets (`clsp_jax.prefer_eigen_dots`), and the peak matmul rate that ignores it."""
 
 import ctypes
+from importlib import metadata
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+import clsp_jax
 from clsp_jax import perf
+
+ON_JAXLIB_0_10 = metadata.version("jaxlib").startswith("0.10.")
+
+
+def test_prefer_eigen_dots_adds_the_flag_once_and_leaves_set_flags_alone():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert clsp_jax.prefer_eigen_dots(env) is ON_JAXLIB_0_10
+    if ON_JAXLIB_0_10:
+        assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="
+    assert not clsp_jax.prefer_eigen_dots(env)  # already there (or not this jaxlib): unchanged
+    chosen = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"}
+    assert not clsp_jax.prefer_eigen_dots(chosen) and chosen["XLA_FLAGS"].endswith("TYPE_DOT")
+    kept = {"CLSP_KEEP_XLA_FLAGS": "1"}
+    assert not clsp_jax.prefer_eigen_dots(kept) and "XLA_FLAGS" not in kept
+
+
+@pytest.mark.skipif(not ON_JAXLIB_0_10, reason="the flag is set on jaxlib 0.10.x only")
+def test_this_process_compiles_matmuls_without_ynnpack_and_the_peak_with_it():
+    x = jnp.ones((256, 256))
+    assert "ynn_fusion" not in jax.jit(jnp.matmul).lower(x, x).compile().as_text()
+    ynn = jax.jit(jnp.matmul).lower(x, x).compile(
+        compiler_options={clsp_jax.YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
+    assert "ynn_fusion" in ynn.as_text()  # the option perf.peak_matmul_flops also tries
+    peak = perf.peak_matmul_flops(jnp.float32, 256, iters=2)
+    assert peak["flops_per_s"] > 0 and len(peak["times_s"]) == 2
 
 
 def _resident_bytes() -> int:

@@ -3,13 +3,14 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from clsp_jax.convert import load_torch_state
-from clsp_jax.models.text import TextEncoder, max_text_tokens, position_ids, text_config
+from clsp_jax.models.text import TextEncoder, attend, max_text_tokens, position_ids, text_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -31,6 +32,33 @@ def test_roberta_positions_skip_padding():
     assert max_text_tokens(cfg) == 10
     bert = dict(cfg, model_type="bert", pad_token_id=0)
     np.testing.assert_array_equal(position_ids(ids, ids != 0, bert), [[0, 1, 2, 3, 4]])
+
+
+def test_attend_equals_jax_attention_over_unmasked_keys():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 7, 2, 4)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.arange(7)[None] < np.array([[7], [4], [1]]))  # full, padded, one token
+    reference = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+    np.testing.assert_allclose(attend(q, k, v, mask), reference, atol=1e-6)
+    # Queries of one position against every key; the dropout path with an identity dropout is the same.
+    np.testing.assert_allclose(attend(q[:, :1], k, v, mask, dropout=lambda p: p), reference[:, :1], atol=1e-6)
+
+
+def test_cls_state_equals_the_full_last_layer_with_its_gradient():
+    """`cls_state` runs the last layer for the first position only: the same values and parameter gradients
+    as taking position 0 of every position's states."""
+    cfg = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=40, model_type="bert")
+    encoder = TextEncoder(cfg, rngs=nnx.Rngs(0))
+    ids, mask = (jnp.asarray(a) for a in _random_batch(np.random.default_rng(1), 50, 4, 9, 0, 1, 2))
+    graph, params = nnx.split(encoder)
+    short = lambda p: nnx.merge(graph, p).cls_state(ids, mask)
+    full = lambda p: nnx.merge(graph, p).hidden_states(ids, mask)[:, 0]
+    np.testing.assert_allclose(short(params), full(params), atol=2e-6)
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal((4, 16)), jnp.float32)
+    grads = [jax.grad(lambda p: jnp.sum(f(p) * weights))(params) for f in (short, full)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("name", ["clsp_spear_tiny", "clsp_varied_tiny"])

@@ -174,7 +174,7 @@ class CLSPNet(nnx.Module):
     def embed_cls_states(self, cls_states, *, deterministic=True, rngs=None):
         """cls_states [B, H] (the text encoder's last-layer [CLS] states, e.g. cached from a frozen encoder)
         -> unit-norm text embeddings [B, joint_dim] float32: the pooler and the heads of `embed_tokens`."""
-        pooled = self.text_encoder.pooler(cls_states[:, None])
+        pooled = self.text_encoder.pooler(cls_states)
         return l2_normalize(self.text_transform(_project(self.text_projection, pooled), deterministic, rngs))
 
     def scale(self):

@@ -92,6 +92,28 @@ class Embeddings(nnx.Module):
         return self.dropout(self.LayerNorm(x), deterministic=deterministic, rngs=rngs)
 
 
+def attend(q, k, v, mask, dropout=None):
+    """Scaled dot-product attention over the unmasked keys.
+
+    q [B, Q, N, D], k and v [B, L, N, D] (N heads of D), mask [B, L] bool (True = token) -> [B, Q, N, D].
+    The softmax runs in float32. `dropout`, if given, is applied to the attention probabilities.
+
+    Written out rather than `jax.nn.dot_product_attention` because on XLA:CPU this form runs the layer's
+    attention in about half the time (BENCHMARKS.md §9): heads-major operands, and without dropout the
+    softmax's division comes after the product with v, on [.., Q, D] instead of [.., Q, L].
+    """
+    q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))  # [B, N, *, D]
+    scores = jnp.einsum("bnqd,bnkd->bnqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(scores - scores.max(-1, keepdims=True))
+    total = weights.sum(-1, keepdims=True)
+    if dropout is None:
+        out = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(v.dtype), v) / total.astype(v.dtype)
+    else:
+        out = jnp.einsum("bnqk,bnkd->bnqd", dropout(weights / total).astype(v.dtype), v)
+    return out.swapaxes(1, 2)
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, cfg, *, rngs, dtype, param_dtype):
         h, std = cfg["hidden_size"], cfg["initializer_range"]
@@ -101,19 +123,17 @@ class SelfAttention(nnx.Module):
         self.value = _linear(h, h, dtype, param_dtype, rngs, std)
         self.attn_dropout = nnx.Dropout(cfg["attention_probs_dropout_prob"])
 
-    def __call__(self, x, mask, deterministic, rngs):
-        """x [B, L, H], mask [B, L] bool (True = token) -> [B, L, H]."""
-        b, l, h = x.shape
-        split = lambda y: y.reshape(b, l, self.num_heads, h // self.num_heads)
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        if deterministic or self.attn_dropout.rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
-        else:  # attention-probability dropout needs the explicit weights
-            scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-            scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-            probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1), deterministic=False, rngs=rngs)
-            out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
-        return out.reshape(b, l, h)
+    def __call__(self, x, mask, deterministic, rngs, queries=None):
+        """x [B, L, H], mask [B, L] bool (True = token) -> [B, Q, H] for the Q positions of `queries`
+        ([B, Q, H], default x itself: Q = L)."""
+        queries = x if queries is None else queries
+        split = lambda y: y.reshape(*y.shape[:2], self.num_heads, -1)
+        q, k, v = split(self.query(queries)), split(self.key(x)), split(self.value(x))
+        dropout = None
+        if not deterministic and self.attn_dropout.rate > 0.0:
+            dropout = lambda p: self.attn_dropout(p, deterministic=False, rngs=rngs)
+        out = attend(q, k, v, mask, dropout)
+        return out.reshape(*queries.shape)
 
 
 class DenseLayerNorm(nnx.Module):
@@ -136,8 +156,9 @@ class Attention(nnx.Module):
         self.self = SelfAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.output = DenseLayerNorm(cfg["hidden_size"], cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, mask, deterministic, rngs):
-        return self.output(self.self(x, mask, deterministic, rngs), x, deterministic, rngs)
+    def __call__(self, x, mask, deterministic, rngs, first_only=False):
+        queries = x[:, :1] if first_only else x
+        return self.output(self.self(x, mask, deterministic, rngs, queries), queries, deterministic, rngs)
 
 
 class Intermediate(nnx.Module):
@@ -156,8 +177,9 @@ class Layer(nnx.Module):
         self.intermediate = Intermediate(cfg, **kw)
         self.output = DenseLayerNorm(cfg["intermediate_size"], cfg, **kw)
 
-    def __call__(self, x, mask, deterministic, rngs):
-        x = self.attention(x, mask, deterministic, rngs)
+    def __call__(self, x, mask, deterministic, rngs, first_only=False):
+        """x [B, L, H] -> [B, L, H], or [B, 1, H] (the first position's output only) if `first_only`."""
+        x = self.attention(x, mask, deterministic, rngs, first_only)
         return self.output(self.intermediate(x), x, deterministic, rngs)
 
 
@@ -167,11 +189,18 @@ class Encoder(nnx.Module):
                                for _ in range(cfg["num_hidden_layers"])])
         self.remat = check_remat(remat)
 
-    def __call__(self, x, mask, deterministic, rngs):
-        call = remat_layer_call(lambda layer, x, mask, rngs: layer(x, mask, deterministic, rngs), self.remat)
-        for layer in self.layer:
-            x = call(layer, x, mask, rngs)
-        return x
+    def __call__(self, x, mask, deterministic, rngs, first_only=False):
+        """x [B, L, H] -> the last layer's states [B, L, H], or only its first position's [B, 1, H] if
+        `first_only` (the last layer then computes its queries, attention output and feed-forward for that
+        position alone)."""
+        def call(first):
+            return remat_layer_call(lambda layer, x, mask, rngs: layer(x, mask, deterministic, rngs, first),
+                                    self.remat)
+
+        *below, last = self.layer
+        for layer in below:
+            x = call(False)(layer, x, mask, rngs)
+        return call(first_only)(last, x, mask, rngs)
 
 
 class Pooler(nnx.Module):
@@ -179,8 +208,9 @@ class Pooler(nnx.Module):
         h = cfg["hidden_size"]
         self.dense = _linear(h, h, dtype, param_dtype, rngs, cfg["initializer_range"])
 
-    def __call__(self, x):
-        return jnp.tanh(self.dense(x[:, 0]))
+    def __call__(self, cls_state):
+        """cls_state [B, H] (the first token's last hidden state) -> tanh(W cls_state + b) [B, H]."""
+        return jnp.tanh(self.dense(cls_state))
 
 
 class TextEncoder(nnx.Module):
@@ -198,8 +228,10 @@ class TextEncoder(nnx.Module):
         self.pooler = Pooler(cfg, **kw)
         self.output_dim = cfg["hidden_size"]
 
-    def hidden_states(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None):
-        """input_ids, attention_mask [B, L] int -> last hidden states [B, L, hidden_size].
+    def hidden_states(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None,
+                      first_only=False):
+        """input_ids, attention_mask [B, L] int -> last hidden states [B, L, hidden_size] ([B, 1, hidden_size]
+        of the first token, computed without the other positions' last-layer work, if `first_only`).
 
         Training (`deterministic=False`) needs `rngs` with a "dropout" (or default) stream.
         """
@@ -209,9 +241,14 @@ class TextEncoder(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
         x = self.embeddings(input_ids, mask, token_type_ids, deterministic, rngs)
-        return self.encoder(x, mask, deterministic, rngs)
+        return self.encoder(x, mask, deterministic, rngs, first_only)
+
+    def cls_state(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None):
+        """input_ids, attention_mask [B, L] int -> the first token's last hidden state [B, hidden_size]."""
+        return self.hidden_states(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                                  rngs=rngs, first_only=True)[:, 0]
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True, rngs=None):
         """input_ids, attention_mask [B, L] int -> pooler output [B, hidden_size]."""
-        return self.pooler(self.hidden_states(input_ids, attention_mask, token_type_ids,
-                                              deterministic=deterministic, rngs=rngs))
+        return self.pooler(self.cls_state(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                                          rngs=rngs))

@@ -76,7 +76,7 @@ class TextStateCache:
 
         @nnx.jit
         def cls_states(encoder, ids, mask):
-            return encoder.hidden_states(ids, mask)[:, 0].astype(jnp.float32)
+            return encoder.cls_state(ids, mask).astype(jnp.float32)
 
         states = np.zeros((len(ids), encoder.output_dim), np.float32)
         for lo in range(0, len(order), batch_size):
