@@ -298,9 +298,14 @@ def scaled_adam(learning_rate: float | optax.Schedule, *, clipping_scale: float 
         keep = (jnp.ones((), jnp.float32), state.model_norms, state.norm_threshold, state.has_threshold)
         if clipping_scale is None:
             return keep
-        sumsq = sum((jnp.sum(jnp.square(g.astype(jnp.float32) * (1.0 if is_scalar(g) else r)))
-                     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(state.param_rms))),
-                    jnp.zeros((), jnp.float32))
+        # The per-tensor sums are added as one sorted vector, not as a chain of scalar additions: every tensor's
+        # update reads the clipping factor, and XLA:CPU's fusion pass copies a chain of cheap additions (one per
+        # tensor) into each reader, quadratic in the number of tensors (a step training the tiny config's
+        # speech tower, 719 tensors, did not compile within 10 minutes). A sort is never fused, so the sum is
+        # computed once; ascending order also adds the small terms first.
+        sums = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32) * (1.0 if is_scalar(g) else r)))
+                          for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(state.param_rms))])
+        sumsq = jnp.sum(jnp.sort(sums))
         count = state.count
         norm = jnp.sqrt(sumsq)
         record = (count > 0) & (sumsq != 0)
