@@ -126,3 +126,21 @@ def test_bad_batching_keys_are_refused_in_one_line(key, value, message):
     config.data[key] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(config, num_devices=8)
+
+
+def test_demo_speech_tower_variant_trains_the_zipformer_with_scaled_adam():
+    """`python -m clsp_jax.demo --train-speech-tower`: tiny's frozen tower trains, under ScaledAdam (one group:
+    tiny's towers are at LR scale 1), and only the text encoder below its pooler stays frozen."""
+    from clsp_jax import demo
+
+    config = demo.demo_config("unused", demo.SPEECH_TOWER_TRAINS)
+    assert (config.optim.optimizer, config.train.cache_speech_states) == ("scaled_adam", False)
+    params = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, np.float32), PARAMS,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    paths = [sharding.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    trained = optim.training_paths(paths, config.optim.frozen)
+    assert sorted(set(paths) - set(trained)) == ["text_encoder/encoder/layer/0/output/dense/bias",
+                                                 "text_encoder/encoder/layer/0/output/dense/kernel"]
+    assert any(p.startswith("speech/encoder/") for p in trained)
+    tx, _ = optim.make_optimizer(config.optim.to_dict(), params)
+    assert len(optim.clip_factors(jax.eval_shape(tx.init, params))) == 1
