@@ -10,8 +10,8 @@ masks swamps the small differences between clips) and the data-initialised audio
 (`train.audio_head_init_batches`), with heads that start from flax's lecun-normal init: from PyTorch's
 nn.Linear init (the authors', `model.head_init="torch"`) the demo learns several times slower (BENCHMARKS.md §7).
 Training the Zipformer stacks as well is slower per step and was no better at equal steps; to train them,
-drop "^speech/" from optim.frozen and set train.cache_speech_states=False. The measured figures are in
-BENCHMARKS.md.
+drop "^speech/" from optim.frozen and set train.cache_speech_states=False, as `python -m clsp_jax.demo
+--train-speech-tower` does (with ScaledAdam). The measured figures are in BENCHMARKS.md and README.md.
 """
 
 import os
