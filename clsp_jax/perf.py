@@ -30,22 +30,24 @@ def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> list[float]
 
 def peak_matmul_flops(dtype, size: int, iters: int | None = None) -> dict:
     """The best of `iters` [size, size] @ [size, size] matmuls in `dtype` on the default device: FLOP/s
-    this device reaches now (on CPU, the better of XLA's two matmul libraries). Default iters: 3 on CPU (seconds each), 20 on accelerators (milliseconds each).
+    this device reaches now (on CPU with YNNPACK, XLA's faster matmul library for this shape). Default iters:
+    3 on CPU (seconds each), 20 on accelerators (milliseconds each).
     Returns {"size", "dtype", "flops_per_s", "times_s"}."""
     iters = iters or (3 if jax.devices()[0].platform == "cpu" else 20)
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.random.normal(key_a, (size, size), dtype)
     b = jax.random.normal(key_b, (size, size), dtype)
     lowered = jax.jit(jnp.matmul).lower(a, b)
-    compiled = [lowered.compile()]
+    matmul = None
     if jax.devices()[0].platform == "cpu":
-        # XLA:CPU's fastest square matmul is YNNPACK's, which clsp_jax turns off for the networks' programs
-        # (`clsp_jax.prefer_eigen_dots`); the peak is the better of the two.
+        # XLA:CPU's fastest square matmul is YNNPACK's (about twice its Eigen one), which clsp_jax turns off for
+        # the networks' programs (`clsp_jax.prefer_eigen_dots`): the peak keeps it.
         try:
-            compiled.append(lowered.compile(compiler_options={YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}))
+            matmul = lowered.compile(compiler_options={YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
         except jax.errors.JaxRuntimeError:  # a jaxlib without that option
             pass
-    times = min((time_calls(lambda: matmul(a, b), warmup=1, iters=iters) for matmul in compiled), key=min)
+    matmul = matmul or lowered.compile()
+    times = time_calls(lambda: matmul(a, b), warmup=1, iters=iters)
     return {"size": size, "dtype": jnp.dtype(dtype).name, "flops_per_s": 2.0 * size**3 / min(times),
             "times_s": [round(t, 4) for t in times]}
 

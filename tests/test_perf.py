@@ -32,7 +32,7 @@ def test_this_process_compiles_matmuls_without_ynnpack_and_the_peak_with_it():
     assert "ynn_fusion" not in jax.jit(jnp.matmul).lower(x, x).compile().as_text()
     ynn = jax.jit(jnp.matmul).lower(x, x).compile(
         compiler_options={clsp_jax.YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})
-    assert "ynn_fusion" in ynn.as_text()  # the option perf.peak_matmul_flops also tries
+    assert "ynn_fusion" in ynn.as_text()  # the option perf.peak_matmul_flops compiles with
     peak = perf.peak_matmul_flops(jnp.float32, 256, iters=2)
     assert peak["flops_per_s"] > 0 and len(peak["times_s"]) == 2
 
