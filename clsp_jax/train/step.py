@@ -109,18 +109,25 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
         # batch shard on its own devices, `clsp_jax.models.convs`).
         with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"], batch, step)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optim.clamp_logit_scale(optax.apply_updates(state["params"], updates))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(params, opt_state, ema):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optim.clamp_logit_scale(optax.apply_updates(params, updates))
+            return params, opt_state, (optim.ema_update(ema, params, ema_decay) if ema is not None else None)
+
         # A non-finite loss or gradient skips the update (the trainer counts the streak and stops on too many).
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        # A cond, not a select of new and old values: the select reads the old moments after their in-place
+        # update, so XLA copied every moment at the start of the step (twice the parameter bytes, live through
+        # the whole forward and backward; BENCHMARKS.md §9).
+        params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old,
+                                              state["params"], state["opt_state"], state["ema"])
         new_state = {
             "step": step + 1,
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            "ema": (keep(optim.ema_update(state["ema"], params, ema_decay), state["ema"])
-                    if state["ema"] is not None else None),
+            "params": params,
+            "opt_state": opt_state,
+            "ema": ema,
             "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
         }
         if "average" in state:
