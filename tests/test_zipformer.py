@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from clsp_jax.convert import load_torch_state
-from clsp_jax.models.zipformer import SpeechEncoder, ZipformerConfig, rel_to_abs, speech_param_count
+from clsp_jax.models.zipformer import (SpeechEncoder, ZipformerConfig, rel_to_abs, speech_param_count, swoosh_l,
+                                       swoosh_r)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCES = ["clsp_spear_tiny", "clsp_varied_tiny"]
@@ -236,3 +237,19 @@ def test_input_errors():
         model(jnp.zeros((2, 8, 80)), jnp.array([8, 8]))
     with pytest.raises(ValueError, match="feature_lens"):
         model(jnp.zeros((2, 60, 80)), jnp.array([60]))
+
+
+@pytest.mark.parametrize("swoosh, shift, offset", [(swoosh_l, 4.0, 0.035), (swoosh_r, 1.0, 0.313261687)])
+def test_swoosh_derivative_and_what_its_backward_keeps(swoosh, shift, offset):
+    """Value, gradient and forward-mode derivative equal autodiff of the formula; after a matmul, the backward
+    keeps two arrays of the hidden size (the slope and the activation, which the next matmul's weight gradient
+    reads) where autodiff of softplus kept three."""
+    formula = lambda x: jax.nn.softplus(x - shift) - 0.08 * x - offset
+    x = jnp.linspace(-30.0, 30.0, 601)
+    np.testing.assert_allclose(swoosh(x), formula(x), atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(swoosh))(x), jax.vmap(jax.grad(formula))(x), atol=1e-6)
+    np.testing.assert_allclose(jax.jvp(swoosh, (x,), (jnp.ones_like(x),))[1], jax.vmap(jax.grad(formula))(x),
+                               atol=1e-6)
+    w, h = jnp.ones((8, 16)), jnp.ones((5, 8))
+    kept = lambda act: [leaf.shape for leaf in jax.tree.leaves(jax.vjp(lambda h, w: act(h @ w) @ w.T, h, w)[1])]
+    assert kept(swoosh).count((5, 16)) == 2 and kept(formula).count((5, 16)) == 3

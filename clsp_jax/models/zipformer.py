@@ -39,6 +39,7 @@ init: `model = nnx.eval_shape(lambda: SpeechEncoder(cfg, rngs=nnx.Rngs(0)))` the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -239,16 +240,29 @@ class ZipformerConfig:
 # output is a small difference of two ~0.3 terms, which bf16 would swamp (the error compounds over the convolution modules).
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _swoosh(x: jax.Array, shift: float, offset: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return (jax.nn.softplus(x32 - shift) - 0.08 * x32 - offset).astype(x.dtype)
+
+
+@_swoosh.defjvp
+def _swoosh_jvp(shift, offset, primals, tangents):
+    # The derivative written out, sigmoid(x - shift) - 0.08: the backward then keeps that one array per
+    # activation, where autodiff of softplus kept the matmul output, its biased sum and the activation.
+    (x,), (t,) = primals, tangents
+    slope = jax.nn.sigmoid(x.astype(jnp.float32) - shift) - 0.08
+    return _swoosh(x, shift, offset), (slope * t.astype(jnp.float32)).astype(t.dtype)
+
+
 def swoosh_l(x: jax.Array) -> jax.Array:
     """SwooshL(x) = log(1 + exp(x - 4)) - 0.08 x - 0.035, in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    return (jax.nn.softplus(x32 - 4.0) - 0.08 * x32 - 0.035).astype(x.dtype)
+    return _swoosh(x, 4.0, 0.035)
 
 
 def swoosh_r(x: jax.Array) -> jax.Array:
     """SwooshR(x) = log(1 + exp(x - 1)) - 0.08 x - 0.313261687, in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    return (jax.nn.softplus(x32 - 1.0) - 0.08 * x32 - 0.313261687).astype(x.dtype)
+    return _swoosh(x, 1.0, 0.313261687)
 
 
 def compact_rel_pos_emb(seq_len: int, dim: int) -> np.ndarray:
