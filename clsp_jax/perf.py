@@ -1,12 +1,13 @@
 """Speed measurements the trainer and the benchmarks share: wall-clock timing of jitted calls, the device's
 measured peak matmul FLOP/s, and XLA's FLOP and memory analyses of a compiled executable; and giving the
-compiler's freed host memory back to the OS after a compilation."""
+compiler's freed host memory back to the OS after a compilation, and start-up's programs before one."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import gc
 import time
 from collections.abc import Callable
 
@@ -91,3 +92,15 @@ def release_host_memory() -> None:
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def release_compiled_programs() -> None:
+    """Drop every program JAX has compiled or traced in this process so far, then `release_host_memory`.
+
+    For start-up, before the train step compiles: the network's eager initialisation alone compiles a few
+    hundred small programs that never run again, and their executables and traces stay resident while the
+    compiler holds the step's program, the process's peak. A program that is called again compiles again (or
+    loads from the persistent compilation cache)."""
+    jax.clear_caches()
+    gc.collect()
+    release_host_memory()

@@ -1,5 +1,6 @@
-"""`clsp_jax.perf.release_host_memory`: freed heap memory goes back to the OS. The XLA:CPU flag that
-importing clsp_jax sets (`clsp_jax.prefer_eigen_dots`), and the peak matmul rate that ignores it."""
+"""`clsp_jax.perf.release_host_memory`: freed heap memory goes back to the OS; `release_compiled_programs`:
+compiled programs dropped, and compiled again when called. The XLA:CPU flag that importing clsp_jax sets
+(`clsp_jax.prefer_eigen_dots`), and the peak matmul rate that ignores it."""
 
 import ctypes
 from importlib import metadata
@@ -62,3 +63,11 @@ def test_release_host_memory_returns_freed_heap_pages():
     for b in kept:
         free(b)
     assert before - after > 128 << 20, (before, after)
+
+
+def test_release_compiled_programs_drops_compiled_programs_that_then_compile_again():
+    double = jax.jit(lambda x: 2 * x)
+    assert float(double(jnp.float32(3))) == 6.0 and double._cache_size() == 1
+    perf.release_compiled_programs()
+    assert double._cache_size() == 0
+    assert float(double(jnp.float32(4))) == 8.0 and double._cache_size() == 1

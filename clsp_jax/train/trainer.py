@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from clsp_jax import convert, distributed, losses, optim, sharding, storage
+from clsp_jax import convert, distributed, losses, optim, perf, sharding, storage
 from clsp_jax.data.fcaps_format import load_num_samples
 from clsp_jax.data.pipeline import make_train_iterator, train_captions
 from clsp_jax.models.clsp import CLSPNet, model_config
@@ -406,6 +406,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.log_preflight(mesh, workdir, f"{config.data.max_audio_seconds_per_batch / data_parallel:g} s of "
                               f"padded audio per device and step")
     peak_flops = peak_flops_per_device(t, DTYPES[t.compute_dtype])
+    perf.release_compiled_programs()  # start-up's programs, before the step's compilation: the run's peak memory
     report = _Reporter(MetricsLog(workdir, start), _Progress(t.num_steps, peak_flops), t)
     step_flops, profiler = StepFlops(step_fn), StepProfiler(t.profile_steps, workdir)
     preemption = distributed.Preemption(t.preemption_check_every_steps)
