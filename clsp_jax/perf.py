@@ -58,14 +58,15 @@ def default_peak_size() -> int:
     return 4096 if jax.devices()[0].platform == "cpu" else 8192
 
 
-def memory_stats(compiled) -> dict:
-    """Per-device bytes of a compiled executable (XLA's buffer assignment)."""
-    m = compiled.memory_analysis()
-    if m is None:
+def memory_stats(*compiled) -> dict:
+    """Per-device bytes of compiled executables that run one after the other (XLA's buffer assignment):
+    each field the largest of theirs ({} when XLA gives no analysis)."""
+    analyses = [c.memory_analysis() for c in compiled]
+    if not analyses or any(m is None for m in analyses):
         return {}
     keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes", "peak_memory_in_bytes")
-    return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+    return {k: max(int(getattr(m, k)) for m in analyses) for k in keys if hasattr(analyses[0], k)}
 
 
 def xla_flops(compiled) -> float:

@@ -9,7 +9,7 @@ rules match the end of a path, so optimizer moments ("opt_state/.../mu/<param pa
 Typical use (see `clsp_jax.train.trainer`; the train state itself is `clsp_jax.train.state`):
 
     state, shardings = init_sharded_state(make_net, tx, mesh)
-    step = jit_train_step(make_train_step(...), shardings, mesh)
+    step = JittedTrainStep(make_train_step(...), shardings, mesh)
     state, metrics = step(state, global_batch(host_batch, mesh))
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -153,12 +153,35 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def jit_train_step(step_fn: Callable, shardings, mesh: Mesh) -> Callable:
-    """`jax.jit` of a `make_train_step` step over `mesh`: `(state, batch) -> (state, metrics)`.
+class JittedTrainStep:
+    """A `clsp_jax.train.step.TrainStep` jitted over a mesh as two programs, `gradients` then `update`:
+    `step(state, batch) -> (state, metrics)`.
 
-    The state enters and leaves in `shardings` and is donated (its buffers are reused for the new state;
-    the caller's old state is invalid afterwards); every batch array is split on its leading (clip) axis
-    over (data, fsdp); metrics come back replicated.
+    The state enters and leaves in `shardings`; `update` donates it (its buffers are reused for the new
+    state; the caller's old state is invalid afterwards). Every batch array is split on its leading (clip)
+    axis over (data, fsdp); the gradients come out sharded like the parameters, metrics replicated.
+
+    Two programs rather than one: XLA compiles the optimizer's per-tensor update on its own, so no single
+    compilation holds the forward, backward and update at once. On a CPU that compilation is the run's
+    peak host memory (BENCHMARKS.md §9); the step's own buffers are the same either way (the gradients
+    are materialised whole in both).
     """
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+    def __init__(self, step, shardings, mesh: Mesh):
+        replicated = NamedSharding(mesh, P())
+        self.gradients = jax.jit(step.gradients, in_shardings=(shardings, batch_sharding(mesh)),
+                                 out_shardings=(shardings["params"], replicated))
+        self.update = jax.jit(step.update, in_shardings=(shardings, shardings["params"], replicated),
+                              out_shardings=(shardings, replicated), donate_argnums=0)
+
+    def __call__(self, state, batch):
+        grads, metrics = self.gradients(state, batch)
+        return self.update(state, grads, metrics)
+
+    def compile(self, state, batch) -> tuple:
+        """(gradients, update): the two programs compiled for this state and batch (arrays or
+        ShapeDtypeStructs); a jitted call with the same shapes then finds them cached."""
+        gradients = self.gradients.lower(state, batch).compile()
+        grads, metrics = jax.eval_shape(self.gradients, state, batch)
+        return gradients, self.update.lower(state, grads, metrics).compile()
+

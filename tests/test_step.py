@@ -14,8 +14,9 @@ import optax
 import pytest
 from flax import nnx
 
+from clsp_jax import sharding
 from clsp_jax.tokenizer import CaptionTokenizer
-from clsp_jax.train.state import init_state
+from clsp_jax.train.state import init_state, state_shardings
 from clsp_jax.train.step import make_train_step
 from clsp_jax.train.text_cache import TextStateCache, cached_text_states
 from eval_fixtures import TOKENIZER
@@ -81,14 +82,18 @@ def test_a_non_finite_loss_skips_the_update_and_counts_the_streak(setup):
 
 
 def test_the_donated_moments_are_updated_in_place(setup):
-    """The compiled step copies none of the optimizer's moments: with the donated state, each is read and
-    overwritten in place. (The non-finite guard as a select of new and old values made XLA copy every moment
-    at the start of the step, twice the parameter bytes live through the forward and backward.)"""
+    """The update program, as the trainer compiles it (`JittedTrainStep`), copies none of the optimizer's
+    moments: with the donated state, each is read and overwritten in place. (The non-finite guard as a select
+    of new and old values made XLA copy every moment, twice the parameter bytes.)"""
     net, _, tx, _, _, state_batch = setup
     graphdef, _, rest = nnx.split(net, nnx.Param, ...)
-    step = jax.jit(make_train_step(graphdef, rest, tx, lambda s: 1e-3, objective="multi_positive", loss_cfg={},
-                                   frozen=FROZEN), donate_argnums=0)
-    hlo = step.lower(init_state(net, tx), state_batch).compile().as_text()
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    state = init_state(net, tx)
+    step = sharding.JittedTrainStep(make_train_step(graphdef, rest, tx, lambda s: 1e-3, objective="multi_positive",
+                                                    loss_cfg={}, frozen=FROZEN, mesh=mesh),
+                                    state_shardings(state, mesh), mesh)
+    _, update = step.compile(state, sharding.global_batch(state_batch, mesh))
+    hlo = update.as_text()
     inputs = re.findall(r"%(\S+) = \S+ parameter\(\d+\)", hlo)
     moments = {name for name in inputs if re.search(r"_(mu|nu)_", name)}
     assert len(moments) > 20, inputs[:10]  # the names carry the state's paths, so the check below can see them

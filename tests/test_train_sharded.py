@@ -88,10 +88,13 @@ def _report(meshes: list[tuple[int, int, int]]) -> dict:
         mesh = sharding.make_mesh(shape)
         state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema=True)
         out = {"init_error": _relative_error(state["params"], init_params)}
-        step_fn = sharding.jit_train_step(step.make_train_step(graphdef, rest, tx, schedule, **TRAIN, mesh=mesh),
+        step_fn = sharding.JittedTrainStep(step.make_train_step(graphdef, rest, tx, schedule, **TRAIN, mesh=mesh),
                                           shardings, mesh)
         device_batch = sharding.global_batch(batch, mesh)
         out["losses"], live = run(step_fn, state, device_batch)
+        # Two programs, each compiled once; the update donates the state it was given.
+        out["programs"] = [step_fn.gradients._cache_size(), step_fn.update._cache_size()]
+        out["first_state_donated"] = all(x.is_deleted() for x in jax.tree.leaves(state))
         final_host = jax.device_get(live)
         out["param_error"] = _relative_error(final_host["params"], ref["params"])
         out["opt_state_error"] = _relative_error(final_host["opt_state"], ref["opt_state"])
@@ -167,6 +170,8 @@ def test_sharded_step_matches_one_device(request, report, mesh):
     np.testing.assert_allclose(out["losses"], report["reference_losses"], rtol=1e-5)
     for key in ("param_error", "opt_state_error", "ema_error"):
         assert out[key] <= 1e-5, (key, out[key])
+    # The reference is the step as one program (`jax.jit(step)`); the sharded one runs it as two.
+    assert out["programs"] == [1, 1] and out["first_state_donated"]
 
 
 @pytest.mark.parametrize("mesh", ALL_MESHES, ids=_mesh_id)

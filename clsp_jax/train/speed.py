@@ -21,8 +21,9 @@ log = logging.getLogger("clsp_jax.train")
 
 
 class StepFlops:
-    """FLOPs per device of one call of the jitted train step `step_fn`, from XLA's cost analysis of its
-    compiled program, one figure per distinct batch shape (audio buckets, token lengths)."""
+    """FLOPs per device of one call of the jitted train step `step_fn` (a `sharding.JittedTrainStep`), from
+    XLA's cost analysis of its two compiled programs, one figure per distinct batch shape (audio buckets,
+    token lengths)."""
 
     def __init__(self, step_fn: Callable):
         self.step_fn, self.flops = step_fn, {}
@@ -30,8 +31,8 @@ class StepFlops:
     def __call__(self, state, batch: Mapping[str, jax.Array]) -> float:
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in self.flops:
-            # This compilation is the step's own: the jitted call that follows finds the executable cached.
-            self.flops[key] = perf.xla_flops(self.step_fn.lower(state, batch).compile())
+            # These compilations are the step's own: the jitted call that follows finds the programs cached.
+            self.flops[key] = sum(perf.xla_flops(p) for p in self.step_fn.compile(state, batch))
             perf.release_host_memory()  # before the step's buffers are allocated
         return self.flops[key]
 

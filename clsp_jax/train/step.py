@@ -18,12 +18,13 @@ No gradient accumulation: contrastive losses need every negative of the global b
 accumulating micro-batches would shrink the negatives (GradCache would be needed); scale the mesh instead,
 and trade FLOPs for activation memory with the model's per-layer remat (`model.remat`, see
 `clsp_jax.models.remat`). `clsp_jax.train.state` builds the state in its shardings and
-`clsp_jax.sharding.jit_train_step` jits the step over a mesh with the state donated.
+`clsp_jax.sharding.JittedTrainStep` jits its two halves (`TrainStep`) over a mesh with the state donated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -60,7 +61,7 @@ def embed_batch(net: CLSPNet, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | N
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, *, objective: str,
                     loss_cfg: Mapping, seed: int = 0, ema_decay: float | None = None, frozen: Sequence[str] = (),
                     mesh: jax.sharding.Mesh | None = None, average_period: int | None = None) -> Callable:
-    """Returns the (unjitted) step `(state, batch) -> (state, metrics)`.
+    """Returns the (unjitted) step `(state, batch) -> (state, metrics)`, a `TrainStep`.
 
     Args:
       graphdef, rest: from `nnx.split(net, nnx.Param, ...)`; `rest` holds the non-param state (rng streams).
@@ -103,25 +104,27 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
         fn = objective_fn if mesh is None else losses.sharded(objective_fn, mesh)
         return fn(audio_emb, text_emb, net.scale(), bias, extras)
 
-    def step_fn(state, batch):
+    def gradients(state, batch):
         step = state["step"]
         # Under the mesh, layers can see how the batch is split (the convolutions' kernel gradients sum each
         # batch shard on its own devices, `clsp_jax.models.convs`).
         with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"], batch, step)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        return grads, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-        def update(params, opt_state, ema):
+    def update(state, grads, metrics):
+        step = state["step"]
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+        def apply(params, opt_state, ema):
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optim.clamp_logit_scale(optax.apply_updates(params, updates))
             return params, opt_state, (optim.ema_update(ema, params, ema_decay) if ema is not None else None)
 
         # A non-finite loss or gradient skips the update (the trainer counts the streak and stops on too many).
         # A cond, not a select of new and old values: the select reads the old moments after their in-place
-        # update, so XLA copied every moment at the start of the step (twice the parameter bytes, live through
-        # the whole forward and backward; BENCHMARKS.md §9).
-        params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old,
+        # update, so XLA copied every moment (twice the parameter bytes; BENCHMARKS.md §9).
+        params, opt_state, ema = jax.lax.cond(finite, apply, lambda *old: old,
                                               state["params"], state["opt_state"], state["ema"])
         new_state = {
             "step": step + 1,
@@ -135,8 +138,28 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
                 raise ValueError("the train state has a running average but the step has no average_period")
             new_state["average"] = averaging.average_update(state["average"], new_state["params"], step + 1,
                                                             average_period)
-        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
-                   "nonfinite": (~finite).astype(jnp.int32), "nonfinite_streak": new_state["nonfinite_streak"]}
+        metrics = {**metrics, "learning_rate": schedule(step), "nonfinite": (~finite).astype(jnp.int32),
+                   "nonfinite_streak": new_state["nonfinite_streak"]}
         return new_state, metrics
 
-    return step_fn
+    return TrainStep(gradients, update)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The train step `(state, batch) -> (state, metrics)` in its two halves, as the recipe reads:
+    `gradients(state, batch) -> (grads, metrics)` (forward and backward: grads like state["params"]; metrics
+    the objective's, loss and grad_norm) and `update(state, grads, metrics) -> (state, metrics)` (the
+    optimizer, EMA and running average; a non-finite loss or gradient leaves the weights as they were).
+
+    Calling it runs both, so `jax.jit(step)` is the whole step as one program.
+    `clsp_jax.sharding.JittedTrainStep` compiles the halves as two programs: XLA:CPU then never holds
+    the whole step in one compilation, the run's peak memory (BENCHMARKS.md §9).
+    """
+
+    gradients: Callable
+    update: Callable
+
+    def __call__(self, state, batch):
+        grads, metrics = self.gradients(state, batch)
+        return self.update(state, grads, metrics)

@@ -397,7 +397,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = int(state["step"])
 
     evaluate = make_evaluator(config, graphdef, rest, tokenizer, mesh)
-    step_fn = sharding.jit_train_step(
+    step_fn = sharding.JittedTrainStep(
         make_train_step(graphdef, rest, tx, schedule, objective=config.loss.objective, loss_cfg=config.loss.to_dict(),
                         seed=t.seed, ema_decay=config.optim.get("ema_decay"), frozen=list(config.optim.frozen),
                         mesh=mesh, average_period=config.optim.get("average_period")),
