@@ -1,7 +1,8 @@
 """Train-step benchmark: compile time, steady-state step time, throughput, MFU and memory of the real step.
 
     python -m benchmarks.train_step --config configs/tiny.py [--batch-clips 8 --clip-seconds 5
-        --text-length 112 --steps 3 --warmup 1] [--breakdown] [--remat layer] [--json OUT]
+        --text-length 112 --steps 3 --warmup 1] [--breakdown] [--remat layer] [--compilation-cache DIR]
+        [--json OUT]
         [--config.key=value ...]
 
 The config is resolved as the trainer resolves it (`trainer.resolve_config`: the objective follows
@@ -58,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--remat", choices=("none", "layer", "layer_save_dots"), help="sets config.model.remat")
     p.add_argument("--breakdown", action="store_true", help="also time each component fwd and fwd+bwd")
     p.add_argument("--peak-size", type=int, default=0, help="matmul size for the peak FLOP/s (0: 4096 CPU, 8192 GPU)")
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache, as the trainer uses it (train.compilation_cache_dir): "
+                        "a first run compiles and writes it, a second loads from it (default: off)")
     p.add_argument("--json", help="write the results here")
     args, rest = p.parse_known_args(argv)
     config = common.load_config(rest)
@@ -287,6 +291,8 @@ def run(args, config) -> dict:
           f"{captions} captions x {text}; objective {config.loss.objective}; dtype {t.compute_dtype}; "
           f"remat {config.model.get('remat', 'none')}", flush=True)
 
+    if args.compilation_cache:
+        perf.use_compilation_cache(args.compilation_cache)
     peak = perf.peak_matmul_flops(dtype, args.peak_size or perf.default_peak_size())
     print(f"peak: {peak['size']}^2 {peak['dtype']} matmul {peak['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
 
@@ -310,7 +316,8 @@ def run(args, config) -> dict:
     programs = step.compile(state, batch)  # (gradients, update), as the trainer's first step compiles them
     compile_s = time.perf_counter() - start
     perf.release_host_memory()  # as the trainer does after compiling
-    print(f"compile: {compile_s:.1f} s (trace, lower and compile of both programs)", flush=True)
+    how = "compile or load from the cache" if args.compilation_cache else "compile"
+    print(f"compile: {compile_s:.1f} s (trace, lower and {how} of both programs)", flush=True)
 
     holder = {"state": state}
 
@@ -337,6 +344,7 @@ def run(args, config) -> dict:
                   "text_length": length, "text_states_cached": cached, "audio_seconds": audio_seconds},
         "build_net_s": build_s,
         "compile_s": compile_s,
+        "compilation_cache": bool(args.compilation_cache),
         "step": step_stats,
         "loss_after": loss,
         "samples_per_s": clips / step_s,

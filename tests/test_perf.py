@@ -1,8 +1,11 @@
 """`clsp_jax.perf.release_host_memory`: freed heap memory goes back to the OS; `release_compiled_programs`:
-compiled programs dropped, and compiled again when called. The XLA:CPU flag that importing clsp_jax sets
-(`clsp_jax.prefer_eigen_dots`), and the peak matmul rate that ignores it."""
+compiled programs dropped, and compiled again when called; `use_compilation_cache`: every program written,
+and read by the next process. The XLA:CPU flag that importing clsp_jax sets (`clsp_jax.prefer_eigen_dots`),
+and the peak matmul rate that ignores it."""
 
 import ctypes
+import subprocess
+import sys
 from importlib import metadata
 
 import jax
@@ -71,3 +74,23 @@ def test_release_compiled_programs_drops_compiled_programs_that_then_compile_aga
     perf.release_compiled_programs()
     assert double._cache_size() == 0
     assert float(double(jnp.float32(4))) == 8.0 and double._cache_size() == 1
+
+
+def test_use_compilation_cache_writes_every_program_and_a_new_process_reads_it(tmp_path):
+    """Even a program that compiles in milliseconds is written; a second process loads it instead of compiling.
+    (In child processes: the cache, once on, stays on for the process.)"""
+    script = ("import sys, jax, jax.numpy as jnp\n"
+              "from jax._src import monitoring\n"
+              "from clsp_jax import perf\n"
+              "hits = []\n"
+              "monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e.endswith('cache_hits') else None)\n"
+              "perf.use_compilation_cache(sys.argv[1])\n"
+              "assert float(jax.jit(lambda x: 3 * x + 1)(jnp.float32(2))) == 7.0\n"
+              "print('hits', len(hits))\n")
+    runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    hits = [int(run.stdout.split()[-1]) for run in runs]
+    assert hits[0] == 0 and hits[1] >= 1, hits
+    assert any(tmp_path.iterdir())

@@ -324,10 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # writes the cache and the others' cache keys differ, so after a restart process 0 would load the step at
     # once while the others recompile, and gloo gives up on a collective whose peers are 30 s apart.
     if t.get("compilation_cache_dir") and (jax.process_count() == 1 or jax.devices()[0].platform != "cpu"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(t.compilation_cache_dir))
-        # Everything, down to the few hundred small programs of the network's eager initialisation (seconds each
-        # time otherwise).
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        perf.use_compilation_cache(t.compilation_cache_dir)
     mesh = sharding.make_mesh(mesh_shape)
     tokenizer = CaptionTokenizer(config.data.tokenizer, buckets=config.data.text_length_buckets)
     data = make_train_iterator(config.data, data_dir=config.data.data_dir, tokenizer=tokenizer,
