@@ -184,4 +184,3 @@ class JittedTrainStep:
         gradients = self.gradients.lower(state, batch).compile()
         grads, metrics = jax.eval_shape(self.gradients, state, batch)
         return gradients, self.update.lower(state, grads, metrics).compile()
-

@@ -60,8 +60,8 @@ def embed_batch(net: CLSPNet, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | N
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, *, objective: str,
                     loss_cfg: Mapping, seed: int = 0, ema_decay: float | None = None, frozen: Sequence[str] = (),
-                    mesh: jax.sharding.Mesh | None = None, average_period: int | None = None) -> Callable:
-    """Returns the (unjitted) step `(state, batch) -> (state, metrics)`, a `TrainStep`.
+                    mesh: jax.sharding.Mesh | None = None, average_period: int | None = None) -> TrainStep:
+    """Returns the (unjitted) step `(state, batch) -> (state, metrics)` in its two halves.
 
     Args:
       graphdef, rest: from `nnx.split(net, nnx.Param, ...)`; `rest` holds the non-param state (rng streams).
