@@ -89,7 +89,7 @@ def _report(meshes: list[tuple[int, int, int]]) -> dict:
         state, shardings = train_state.init_sharded_state(make_net, tx, mesh, ema=True)
         out = {"init_error": _relative_error(state["params"], init_params)}
         step_fn = sharding.JittedTrainStep(step.make_train_step(graphdef, rest, tx, schedule, **TRAIN, mesh=mesh),
-                                          shardings, mesh)
+                                           shardings, mesh)
         device_batch = sharding.global_batch(batch, mesh)
         out["losses"], live = run(step_fn, state, device_batch)
         # Two programs, each compiled once; the update donates the state it was given.
